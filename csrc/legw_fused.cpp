@@ -1,0 +1,26 @@
+// Op schemas of the legw_fused library: each op is defined once here and implemented per device in
+// csrc/<op>.cpp (CPU) and csrc/cuda/<op>.cu (CUDA).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing legw_fused._C loads this shared library, which registers the ops below with the dispatcher.
+// No pybind11: it would only add compile time.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+#ifdef LEGW_FUSED_WITH_CUDA
+  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+  return m;
+}
+}
+
+TORCH_LIBRARY(legw_fused, m) {
+  // LEGW learning rate of every step count in `step` (an int64 tensor of any shape), read from the packed
+  // float64 schedule (LEGW.packed). Returns float64 of step's shape. The fused step kernels inline the same math.
+  m.def("legw_lr(Tensor step, Tensor schedule) -> Tensor");
+}

@@ -1,0 +1,14 @@
+"""legw_fused: LEGW large-batch training for PyTorch.
+
+- ``LEGW``: the linear-epoch gradual warmup schedule with sqrt LR scaling (You et al., arXiv 1901.08256);
+  ``LEGWScheduler`` drives any torch optimizer by it.
+- ``SGD`` / ``LARS``: drop-in ``torch.optim`` optimizers taking ``lr=LEGW(...)``, evaluated on the device.
+- ``backend_info()``: which step backends can run here, and why not.
+"""
+
+from .backends import backend_info
+from .optim import LARS, SGD, param_groups
+from .schedule import LEGW, LEGWScheduler
+
+__all__ = ["LEGW", "LEGWScheduler", "SGD", "LARS", "param_groups", "backend_info"]
+__version__ = "0.1.0"

@@ -1,0 +1,44 @@
+"""The compiled ops of legw_fused._C: loading, fake (meta) implementations, and thin Python wrappers.
+
+The package works without the extension (the "torch" reference backend needs none of it); ``EXTENSION_ERROR`` says
+why it could not be loaded, and ``backend_info()`` reports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+try:
+    # Importing the shared library registers the legw_fused:: ops with the dispatcher.
+    _C = importlib.import_module("legw_fused._C")
+
+    EXTENSION_ERROR: str | None = None
+    WITH_CUDA: bool = bool(_C.WITH_CUDA)
+except ImportError as exc:
+    _C = None
+    EXTENSION_ERROR = (f"legw_fused._C is not built or failed to load ({exc}); reinstall with "
+                       f"`pip install --no-build-isolation .` against the torch you run")
+    WITH_CUDA = False
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``legw_fused::<op>`` has a kernel registered for ``dispatch_key`` ("CPU", "CUDA")."""
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"legw_fused::{op}", dispatch_key)
+
+
+if _C is not None:
+    @torch.library.register_fake("legw_fused::legw_lr")
+    def _legw_lr_fake(step: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(step, dtype=torch.float64)
+
+
+def legw_lr(step: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
+    """LEGW LR (float64) of each int64 step count in ``step``, evaluated by the C++/CUDA kernel on their device.
+
+    ``schedule`` is ``LEGW.packed(step.device)``.
+    """
+    if _C is None:
+        raise RuntimeError(EXTENSION_ERROR)
+    return torch.ops.legw_fused.legw_lr(step, schedule)

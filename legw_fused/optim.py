@@ -1,0 +1,272 @@
+"""Drop-in ``torch.optim`` optimizers: momentum SGD and LARS, driven by a float LR or a LEGW schedule.
+
+``SGD`` performs exactly torch.optim.SGD's update; ``LARS`` adds the layer-wise trust ratio (see reference.py for
+the formulas). With ``lr=LEGW(...)`` the LR of each step is the schedule at the optimizer's own step count, which
+lives on the parameters' device: no host sync and no separate scheduler.
+
+State per parameter: ``momentum_buffer`` (torch.optim.SGD's meaning, never scaled by the LR; present when
+momentum != 0) and ``step``, the optimizer's step count, one int64 tensor per device shared by the parameters on it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .backends import check_backend_name, select_backend
+from .schedule import LEGW
+
+__all__ = ["SGD", "LARS", "param_groups"]
+
+# Keys torch.optim.SGD stores in its param groups that have no meaning here; dropped when loading its state_dict.
+_TORCH_ONLY_GROUP_KEYS = ("foreach", "differentiable", "fused", "capturable", "maximize")
+
+
+class _MomentumOptimizer(Optimizer):
+    """Shared machinery of SGD and LARS: validation, bucketing by device/dtype, step counters, state_dict."""
+
+    _nonnegative = ("momentum", "dampening", "weight_decay")
+    _flags = ("nesterov",)
+
+    def __init__(self, params, defaults: dict, backend: str):
+        self.backend = check_backend_name(backend)
+        self._step_counters: dict[torch.device, Tensor] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    def _check_group(self, group: dict, index: int) -> None:
+        """Raise if a group's hyperparameters break a rule; reads no tensor value (no host sync)."""
+        where = f"{type(self).__name__} (param group {index})"
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1 or not lr.is_floating_point():
+                raise ValueError(f"{where}: a tensor lr must hold one floating-point value, got shape "
+                                 f"{tuple(lr.shape)} and dtype {lr.dtype}")
+        elif not isinstance(lr, LEGW):
+            _check_nonnegative(where, "lr", lr)
+        for name in self._nonnegative:
+            _check_nonnegative(where, name, group[name])
+        for name in self._flags:
+            if not isinstance(group[name], bool):
+                raise TypeError(f"{where}: {name} must be a bool, got {group[name]!r}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"{where}: nesterov requires momentum > 0 and dampening = 0, got momentum="
+                             f"{group['momentum']} and dampening={group['dampening']}")
+        if group.get("maximize", False):
+            raise ValueError(f"{where}: maximize=True is not supported; negate the loss instead")
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        params = group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
+                            "of tensors in sets will change between runs. Please use a list instead.")
+        group["params"] = params = list(params)
+        index = len(self.param_groups)
+        for i, p in enumerate(params):
+            t = p[1] if isinstance(p, tuple) else p  # (name, tensor) pairs are accepted by torch
+            if isinstance(t, Tensor):
+                if not t.is_floating_point():
+                    raise TypeError(f"{type(self).__name__} (param group {index}): parameter {i} has dtype "
+                                    f"{t.dtype}; only real floating-point parameters are supported")
+                select_backend(self.backend, t.device)  # an explicit backend that cannot run raises now
+        self._check_group({**self.defaults, **group}, index)
+        if isinstance(group.get("lr"), Tensor) and group["lr"].item() < 0:
+            raise ValueError(f"{type(self).__name__} (param group {index}): lr must be >= 0, got "
+                             f"{group['lr'].item()}")
+        super().add_param_group(group)
+
+    # ------------------------------------------------------------------ step
+    def _hyperparameters(self, group: dict) -> dict:
+        return dict(momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
+                    nesterov=group["nesterov"])
+
+    def _counter(self, device: torch.device, value: int = 0) -> Tensor:
+        """This optimizer's step count on ``device`` (made on first use, equal on every device)."""
+        if device not in self._step_counters:
+            others = list(self._step_counters.values())
+            self._step_counters[device] = (others[0].to(device, copy=True) if others else
+                                           torch.tensor(value, dtype=torch.int64, device=device))
+        return self._step_counters[device]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step. ``closure`` re-evaluates the model and returns the loss, as in torch.optim."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Phase 1: every check, before any tensor or state changes.
+        work = []
+        for index, group in enumerate(self.param_groups):
+            self._check_group(group, index)
+            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} (param group {index}): sparse gradients are not "
+                                       f"supported (parameter of shape {tuple(p.shape)})")
+                buckets.setdefault((p.device, p.dtype), []).append(p)
+            for (device, _), params in buckets.items():
+                work.append((group, select_backend(self.backend, device), params))
+
+        # Phase 2: update, one backend call per (group, device, dtype) bucket.
+        for group, backend, params in work:
+            device = params[0].device
+            counter = self._counter(device)
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                lr = lr.to(device, non_blocking=True)
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                state["step"] = counter
+                bufs.append(state.get("momentum_buffer"))
+            bufs = backend.step(params, [p.grad for p in params], bufs, lr=lr, step=counter,
+                                **self._hyperparameters(group))
+            if group["momentum"] != 0:
+                for p, buf in zip(params, bufs):
+                    self.state[p]["momentum_buffer"] = buf
+        for counter in self._step_counters.values():
+            counter.add_(1)
+        return loss
+
+    def current_lrs(self) -> list:
+        """The LR the next step will use, per param group: a float, or a device tensor for LEGW (no host sync)."""
+        out = []
+        for group in self.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, LEGW):
+                device = group["params"][0].device if group["params"] else torch.device("cpu")
+                lr = lr.lr_tensor(self._counter(device))
+            out.append(lr)
+        return out
+
+    # ------------------------------------------------------------------ state_dict
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            if isinstance(g["lr"], LEGW):
+                # Plain values, so torch.load(weights_only=True) reads the checkpoint without our classes.
+                g["lr"] = {"legw": g["lr"].to_dict()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load our own state_dict or torch.optim.SGD's; everything is checked before anything changes."""
+        super().load_state_dict(self._checked_state_dict(state_dict))
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        # The step count is the largest one saved (all equal when we saved it); torch.optim.SGD saves none: 0.
+        t = max((int(st["step"]) for st in self.state.values() if st.get("step") is not None), default=0)
+        self._step_counters = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                counter = self._counter(p.device, t)
+                if p in self.state:
+                    self.state[p]["step"] = counter
+
+    def _checked_state_dict(self, state_dict: dict) -> dict:
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{name}.load_state_dict: the state_dict has {len(saved_groups)} param groups, the "
+                             f"optimizer {len(self.param_groups)}")
+        groups, id_to_param = [], {}
+        for index, (saved, current) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(current["params"]):
+                raise ValueError(f"{name}.load_state_dict: param group {index} holds {len(saved['params'])} "
+                                 f"params in the state_dict and {len(current['params'])} in the optimizer")
+            group = dict(saved)
+            if group.get("maximize", False):
+                raise ValueError(f"{name}.load_state_dict: param group {index} was saved with maximize=True, "
+                                 f"which this optimizer does not support")
+            for key in _TORCH_ONLY_GROUP_KEYS:
+                group.pop(key, None)
+            if isinstance(group.get("lr"), dict) and "legw" in group["lr"]:
+                group["lr"] = LEGW.from_dict(group["lr"]["legw"])
+            self._check_group({**self.defaults, **group}, index)
+            groups.append(group)
+            id_to_param.update(zip(saved["params"], current["params"]))
+        for key, state in state_dict["state"].items():
+            param, buf = id_to_param.get(key), state.get("momentum_buffer")
+            if param is not None and buf is not None and tuple(buf.shape) != tuple(param.shape):
+                raise ValueError(f"{name}.load_state_dict: momentum_buffer of parameter {key} has shape "
+                                 f"{tuple(buf.shape)} but the parameter has shape {tuple(param.shape)}")
+        return {**state_dict, "param_groups": groups}
+
+
+def _check_nonnegative(where: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a real number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value}")
+
+
+class SGD(_MomentumOptimizer):
+    """Momentum SGD with exactly torch.optim.SGD's update; ``lr`` is a float, a tensor or a ``LEGW`` schedule.
+
+    ``backend``: "auto" (fastest available for the params' device), or one of ``legw_fused.backend_info()``.
+    A ``lars`` key in param groups (from ``param_groups()``) is ignored by SGD.
+    """
+
+    def __init__(self, params, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 backend="auto"):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov), backend)
+
+    def _hyperparameters(self, group: dict) -> dict:
+        return {**super()._hyperparameters(group), "lars": False}
+
+
+class LARS(_MomentumOptimizer):
+    """LARS: SGD whose per-tensor step is scaled by the trust ratio tc*|p| / (|g| + wd*|p| + eps).
+
+    Param groups may carry ``lars`` (default True); ``lars=False`` groups (biases, norms) take the plain SGD step.
+    With ``trust_clip=True`` the ratio becomes min(ratio / lr, 1) (LARC's clip mode). Equals timm's ``Lars`` with
+    ``always_adapt=True``.
+    """
+
+    _nonnegative = _MomentumOptimizer._nonnegative + ("trust_coefficient", "eps")
+    _flags = _MomentumOptimizer._flags + ("lars", "trust_clip")
+
+    def __init__(self, params, lr, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 trust_coefficient=0.001, eps=1e-8, trust_clip=False, *, backend="auto"):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, lars=True, trust_coefficient=trust_coefficient, eps=eps,
+                                      trust_clip=trust_clip), backend)
+
+    def _hyperparameters(self, group: dict) -> dict:
+        return {**super()._hyperparameters(group), "lars": group["lars"],
+                "trust_coefficient": group["trust_coefficient"], "eps": group["eps"],
+                "trust_clip": group["trust_clip"]}
+
+
+def param_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = True) -> list[dict]:
+    """Param groups for SGD/LARS: with ``exclude_bias_and_norm``, 1-D parameters (biases, norm weights) get
+    weight_decay 0 and lars False, the rest ``weight_decay`` and lars True. Frozen parameters are left out."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"param_groups: model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_nonnegative("param_groups", "weight_decay", weight_decay)
+    adapted, plain = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (plain if exclude_bias_and_norm and p.ndim <= 1 else adapted).append(p)
+    groups = []
+    if adapted:
+        groups.append({"params": adapted, "weight_decay": weight_decay, "lars": True})
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0, "lars": False})
+    return groups

@@ -1,0 +1,98 @@
+"""The reference optimizer step: readable fp32 PyTorch, over ``torch._foreach_*`` ops.
+
+This is at once the "torch" backend (the fallback on every device), the oracle every fused backend is tested
+against, and the benchmark baseline. It never reads a value back to the host and never loops over elements.
+
+One call updates one bucket: tensors of one device and one dtype. Lists are indexed by tensor; ``lr`` is a float,
+a 0-dim tensor on the bucket's device, or a LEGW schedule evaluated at the device step count ``step``.
+
+Update (torch.optim.SGD's, with LARS's trust ratio r; r = 1 without LARS):
+    d   = r * (g + weight_decay * p)
+    buf = d                                          on the first step
+    buf = momentum * buf + (1 - dampening) * d       after
+    d   = d + momentum * buf   if nesterov else buf
+    p   = p - lr * d
+LARS: r = trust_coefficient * |p| / (|g| + weight_decay * |p| + eps) where |p| > 0 and |g| > 0, else 1;
+with trust_clip, r = min(r / lr, 1) where r was computed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .schedule import LEGW
+
+__all__ = ["step_", "trust_ratios"]
+
+
+def trust_ratios(params: list[Tensor], grads: list[Tensor], *, lr, weight_decay: float, trust_coefficient: float,
+                 eps: float, trust_clip: bool) -> Tensor:
+    """LARS trust ratio of every tensor, as one fp32 vector on the bucket's device."""
+    p_norm = torch.stack(torch._foreach_norm(params)).float()
+    g_norm = torch.stack(torch._foreach_norm(grads)).float()
+    ratio = trust_coefficient * p_norm / (g_norm + weight_decay * p_norm + eps)
+    if trust_clip:
+        ratio = torch.clamp(ratio / lr, max=1.0)
+    # A zero-norm weight (fresh zero init) or gradient would give r = 0 or inf; such tensors take the plain step.
+    return torch.where((p_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+
+
+def _step_fp32_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], *, lr, momentum: float,
+                dampening: float, weight_decay: float, nesterov: bool, lars: bool, trust_coefficient: float,
+                eps: float, trust_clip: bool) -> list[Tensor | None]:
+    # `grads` may be the parameters' own .grad tensors: every op below that could write them is out-of-place.
+    d = grads
+    if weight_decay != 0:
+        d = torch._foreach_add(grads, params, alpha=weight_decay)
+    if lars:
+        r = trust_ratios(params, grads, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                         eps=eps, trust_clip=trust_clip)
+        d = torch._foreach_mul(d, list(r.unbind(0)))
+    if momentum != 0:
+        if all(b is not None for b in bufs):
+            # Same op sequence as torch.optim.SGD(foreach=True), so fp32 results match it bit for bit.
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, d, alpha=1 - dampening)
+        else:
+            bufs = [d_i.detach().clone() if b is None else b.mul_(momentum).add_(d_i, alpha=1 - dampening)
+                    for b, d_i in zip(bufs, d)]
+        d = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
+    if isinstance(lr, Tensor):
+        torch._foreach_sub_(params, torch._foreach_mul(d, lr))
+    else:
+        torch._foreach_add_(params, d, alpha=-lr)
+    return bufs
+
+
+def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], *, lr, step: Tensor,
+          momentum: float, dampening: float, weight_decay: float, nesterov: bool, lars: bool = False,
+          trust_coefficient: float = 0.0, eps: float = 0.0, trust_clip: bool = False) -> list[Tensor | None]:
+    """Update ``params`` (and the momentum buffers) in place; return the buffers, new ones made on first use.
+
+    ``step`` is the device int64 step count (steps already taken); it is read only when ``lr`` is a LEGW schedule.
+    bf16/fp16 tensors are computed in fp32 and rounded once when written back.
+    """
+    if not params:
+        return bufs
+    if isinstance(lr, LEGW):
+        lr = lr.lr_tensor(step)
+    hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+              lars=lars, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip)
+    if params[0].dtype == torch.float32:
+        return _step_fp32_(params, grads, bufs, **hp)
+
+    p32 = [p.float() for p in params]
+    b32 = [None if b is None else b.float() for b in bufs]
+    b32 = _step_fp32_(p32, [g.float() for g in grads], b32, **hp)
+    torch._foreach_copy_(params, p32)
+    out: list[Tensor | None] = []
+    for b, new in zip(bufs, b32):
+        if new is None:
+            out.append(None)
+        elif b is None:
+            out.append(new.to(params[0].dtype))
+        else:
+            b.copy_(new)
+            out.append(b)
+    return out

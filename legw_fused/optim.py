@@ -78,10 +78,12 @@ class _MomentumOptimizer(Optimizer):
                     raise TypeError(f"{type(self).__name__} (param group {index}): parameter {i} has dtype "
                                     f"{t.dtype}; only real floating-point parameters are supported")
                 select_backend(self.backend, t.device)  # an explicit backend that cannot run raises now
-        self._check_group({**self.defaults, **group}, index)
-        if isinstance(group.get("lr"), Tensor) and group["lr"].item() < 0:
+        filled = {**self.defaults, **group}
+        self._check_group(filled, index)
+        # A tensor lr is checked once here (one host read), never in step(), which must not sync.
+        if isinstance(filled["lr"], Tensor) and filled["lr"].item() < 0:
             raise ValueError(f"{type(self).__name__} (param group {index}): lr must be >= 0, got "
-                             f"{group['lr'].item()}")
+                             f"{filled['lr'].item()}")
         super().add_param_group(group)
 
     # ------------------------------------------------------------------ step

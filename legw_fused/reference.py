@@ -79,7 +79,7 @@ def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], 
         lr = lr.lr_tensor(step)
     hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
               lars=lars, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip)
-    if params[0].dtype == torch.float32:
+    if params[0].dtype not in (torch.float16, torch.bfloat16):  # fp32 and fp64 run in their own precision
         return _step_fp32_(params, grads, bufs, **hp)
 
     p32 = [p.float() for p in params]

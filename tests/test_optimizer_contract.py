@@ -1,0 +1,319 @@
+"""The torch.optim contract of legw_fused.SGD / LARS: state_dict, interop, GradScaler, hooks, and bad input."""
+
+import io
+import math
+
+import pytest
+import torch
+from _helpers import assert_unchanged, clone_params, make_params, set_random_grads, snapshot
+
+import legw_fused
+from legw_fused import LARS, LEGW, SGD
+
+SCHED = LEGW(0.1, 32, 128, 0.5, 10, 4)
+
+
+def make_opt(kind, params, lr):
+    if kind == "sgd":
+        return SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    return LARS(params, lr=lr, momentum=0.9, weight_decay=1e-3, trust_clip=True, trust_coefficient=0.02)
+
+
+def steps(opts_and_params, n, gen):
+    for _ in range(n):
+        set_random_grads([p for _, p in opts_and_params], gen)
+        for opt, _ in opts_and_params:
+            opt.step()
+
+
+def save_load(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)  # plain values only: no legw_fused class needed to read it
+
+
+# ---------------------------------------------------------------------------------------------- state_dict
+
+@pytest.mark.parametrize("kind", ["sgd", "lars"])
+@pytest.mark.parametrize("lr", [0.05, SCHED], ids=["float-lr", "legw-lr"])
+def test_state_dict_round_trip_continues_identically(kind, lr):
+    a = make_params()
+    ref = make_opt(kind, a, lr)
+    gen = torch.Generator().manual_seed(0)
+    steps([(ref, a)], 7, gen)
+    sd = save_load(ref.state_dict())
+    assert all(int(s["step"]) == 7 for s in sd["state"].values())
+    b = clone_params(a)
+    resumed = make_opt(kind, b, 0.123)  # a different lr: the state_dict's must win
+    resumed.load_state_dict(sd)
+    assert resumed.param_groups[0]["lr"] == lr
+    counters = {id(resumed.state[p]["step"]) for p in b if p in resumed.state}
+    assert len(counters) == 1 and int(resumed.state[b[0]]["step"]) == 7  # one shared device counter
+    steps([(ref, a), (resumed, b)], 8, gen)
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+        torch.testing.assert_close(ref.state[pa]["momentum_buffer"], resumed.state[pb]["momentum_buffer"],
+                                   rtol=0, atol=0)
+    assert int(resumed.state[b[0]]["step"]) == 15
+
+
+@pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
+                                 dict(momentum=0.5, dampening=0.3)])
+def test_torch_sgd_state_dict_loads_and_continues_identically(cfg):
+    a = make_params()
+    theirs = torch.optim.SGD(a, lr=0.05, **cfg)
+    gen = torch.Generator().manual_seed(1)
+    steps([(theirs, a)], 5, gen)
+    b = clone_params(a)
+    ours = SGD(b, lr=0.9, **cfg)
+    ours.load_state_dict(save_load(theirs.state_dict()))
+    assert ours.param_groups[0]["lr"] == 0.05 and "foreach" not in ours.param_groups[0]
+    steps([(theirs, a), (ours, b)], 10, gen)
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=1e-2)])
+def test_our_state_dict_loads_into_torch_sgd_and_continues_identically(cfg):
+    a = make_params()
+    ours = SGD(a, lr=0.05, **cfg)
+    gen = torch.Generator().manual_seed(2)
+    steps([(ours, a)], 5, gen)
+    b = clone_params(a)
+    theirs = torch.optim.SGD(b, lr=0.9, **cfg)
+    theirs.load_state_dict(save_load(ours.state_dict()))
+    steps([(theirs, b), (ours, a)], 10, gen)
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def test_state_dict_with_mismatching_shapes_is_rejected_and_nothing_changes():
+    a = make_params()
+    opt = SGD(a, lr=0.1, momentum=0.9)
+    steps([(opt, a)], 2, torch.Generator().manual_seed(3))
+    sd = save_load(opt.state_dict())
+    sd["state"][4]["momentum_buffer"] = torch.zeros(5, 4)
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match=r"momentum_buffer of parameter 4 has shape \(5, 4\)"):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, snap)
+    with pytest.raises(ValueError, match="param groups"):
+        opt.load_state_dict({"state": {}, "param_groups": []})
+    bad_lr = save_load(opt.state_dict())
+    bad_lr["param_groups"][0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        opt.load_state_dict(bad_lr)
+    assert_unchanged(opt, snap)
+
+
+# ---------------------------------------------------------------------------------------------- GradScaler
+
+@pytest.mark.parametrize("kind", ["sgd", "lars"])
+def test_grad_scaler_skips_inf_steps_without_touching_anything(kind):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    opt = make_opt(kind, model.parameters(), SCHED)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x = torch.randn(16, 6)
+
+    def backward():
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).mean()).backward()
+
+    for _ in range(3):
+        backward()
+        scaler.step(opt)
+        scaler.update()
+    assert int(opt.state[model[0].weight]["step"]) == 3
+    backward()
+    model[2].weight.grad[0, 1] = math.inf
+    snap = snapshot(opt)
+    scale_before = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    assert_unchanged(opt, snap)
+    assert int(opt.state[model[0].weight]["step"]) == 3
+    assert scaler.get_scale() == scale_before / 2
+    # The next good step uses the LR of step 3, not 4: the skipped step did not advance the schedule.
+    backward()
+    scaler.unscale_(opt)
+    expected = {p: p.detach().clone() for p in model.parameters()}
+    shadow = make_opt(kind, [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()], SCHED)
+    shadow.load_state_dict(save_load(opt.state_dict()))
+    for ps, p in zip(shadow.param_groups[0]["params"], model.parameters()):
+        ps.grad = p.grad.clone()
+    shadow.step()
+    scaler.step(opt)
+    for ps, p in zip(shadow.param_groups[0]["params"], model.parameters()):
+        assert not torch.equal(p.detach(), expected[p])
+        torch.testing.assert_close(p.detach(), ps.detach(), rtol=0, atol=0)
+    assert int(opt.state[model[0].weight]["step"]) == 4
+
+
+def test_non_finite_grads_without_scaler_behave_like_torch():
+    a = make_params()
+    b = clone_params(a)
+    ours, theirs = SGD(a, lr=0.1, momentum=0.9), torch.optim.SGD(b, lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(4)
+    set_random_grads([a, b], gen)
+    for params in (a, b):
+        params[0].grad[0, 0] = math.nan
+        params[4].grad[1, 1, 1] = math.inf
+    ours.step()
+    theirs.step()
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(a[0][0, 0]) and torch.isinf(a[4][1, 1, 1])
+
+
+# ---------------------------------------------------------------------------------------------- torch.optim API
+
+def test_closure_zero_grad_hooks_and_add_param_group():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    extra = torch.nn.Parameter(torch.randn(5))
+    twin = torch.nn.Linear(4, 3)
+    twin.load_state_dict(model.state_dict())
+    twin_extra = torch.nn.Parameter(extra.detach().clone())
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o)))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o)))
+    x = torch.randn(8, 4)
+
+    def closure_for(m, o, e=None):
+        def closure():
+            o.zero_grad()
+            loss = m(x).pow(2).sum() + (0 if e is None else e.pow(2).sum())
+            loss.backward()
+            return loss
+        return closure
+
+    loss = opt.step(closure_for(model, opt))
+    ref_loss = ref.step(closure_for(twin, ref))
+    assert calls == [("pre", opt), ("post", opt)]
+    assert torch.equal(loss, ref_loss)
+    opt.add_param_group({"params": [extra], "lr": 0.05, "nesterov": True})
+    ref.add_param_group({"params": [twin_extra], "lr": 0.05, "nesterov": True})
+    for _ in range(5):
+        opt.step(closure_for(model, opt, extra))
+        ref.step(closure_for(twin, ref, twin_extra))
+    for pa, pb in zip(list(model.parameters()) + [extra], list(twin.parameters()) + [twin_extra]):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    # The new group joins the shared step count.
+    assert opt.state[extra]["step"] is opt.state[model.weight]["step"]
+    assert int(opt.state[extra]["step"]) == 6
+
+
+def test_lr_schedule_runs_without_host_reads(monkeypatch):
+    """The LEGW LR and LARS ratios stay tensors: no .item()/float()/bool() on a tensor inside step()."""
+    a = make_params()
+    opt = LARS(a, lr=SCHED, momentum=0.9, trust_clip=True, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(5)
+    set_random_grads([a], gen)
+    opt.step()
+
+    def forbid(*_args, **_kwargs):
+        raise AssertionError("host read of a tensor value inside step()")
+
+    set_random_grads([a], gen)
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbid)
+    opt.step()
+    monkeypatch.undo()
+    assert int(opt.state[a[0]]["step"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+def test_backend_selection_explains_itself():
+    info = legw_fused.backend_info()
+    assert info["torch"]["available"] and info["torch"]["reason"] is None
+    assert info["auto"]["cpu"] in info and info[info["auto"]["cpu"]]["available"]
+    for name, row in info.items():
+        if name in ("auto", "extension") or row["available"]:
+            continue
+        assert row["reason"], name
+        with pytest.raises(RuntimeError, match="cannot run"):
+            SGD(make_params(), lr=0.1, backend=name)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        SGD(make_params(), lr=0.1, backend="fast")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kind,kwargs,error,match", [
+    ("sgd", dict(lr=-0.1), ValueError, "lr must be a finite number >= 0"),
+    ("sgd", dict(lr=math.nan), ValueError, "lr must be a finite number >= 0"),
+    ("sgd", dict(lr="0.1"), TypeError, "lr must be a real number"),
+    ("sgd", dict(lr=torch.tensor(-0.1)), ValueError, "lr must be >= 0"),
+    ("sgd", dict(lr=torch.tensor([0.1, 0.2])), ValueError, "one floating-point value"),
+    ("sgd", dict(lr=0.1, momentum=-0.9), ValueError, "momentum must be a finite number >= 0"),
+    ("sgd", dict(lr=0.1, momentum=0.9, dampening=-0.1), ValueError, "dampening must be"),
+    ("sgd", dict(lr=0.1, weight_decay=-1e-4), ValueError, "weight_decay must be"),
+    ("sgd", dict(lr=0.1, nesterov=True), ValueError, "nesterov requires momentum > 0"),
+    ("sgd", dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), ValueError, "dampening = 0"),
+    ("sgd", dict(lr=0.1, nesterov=1), TypeError, "nesterov must be a bool"),
+    ("lars", dict(lr=0.1, eps=-1e-8), ValueError, "eps must be"),
+    ("lars", dict(lr=0.1, trust_coefficient=-0.001), ValueError, "trust_coefficient must be"),
+    ("lars", dict(lr=0.1, trust_clip="yes"), TypeError, "trust_clip must be a bool"),
+])
+def test_bad_hyperparameters_raise_at_construction(kind, kwargs, error, match):
+    cls = SGD if kind == "sgd" else LARS
+    with pytest.raises(error, match=match):
+        cls(make_params(), **kwargs)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("lr", -1.0, "lr must be"), ("momentum", -0.5, "momentum must be"), ("weight_decay", math.inf, "weight_decay"),
+    ("nesterov", True, "nesterov requires"), ("trust_coefficient", -1.0, "trust_coefficient"),
+    ("eps", -1.0, "eps must be"), ("lars", "no", "lars must be a bool"), ("maximize", True, "maximize"),
+])
+def test_bad_group_edit_raises_at_step_before_any_change(key, value, match):
+    a = make_params()
+    opt = LARS([{"params": a[:3]}, {"params": a[3:], "momentum": 0.0}], lr=0.1)
+    gen = torch.Generator().manual_seed(6)
+    steps([(opt, a)], 2, gen)
+    set_random_grads([a], gen)
+    opt.param_groups[1][key] = value  # only the second group is bad: the first must not be stepped either
+    snap = snapshot(opt)
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.step()
+    assert_unchanged(opt, snap)
+
+
+def test_sparse_gradient_raises_before_any_change():
+    a = make_params()
+    opt = SGD(a, lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(7)
+    steps([(opt, a)], 1, gen)
+    set_random_grads([a], gen)
+    a[-1].grad = a[-1].grad.to_sparse()
+    snap = snapshot(opt)
+    with pytest.raises(RuntimeError, match="sparse gradients are not supported"):
+        opt.step()
+    assert_unchanged(opt, snap)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.complex64, torch.bool])
+def test_non_float_params_are_rejected(dtype):
+    good = make_params()
+    bad = torch.zeros(3, dtype=dtype)
+    with pytest.raises(TypeError, match=f"parameter 1 has dtype {dtype}"):
+        SGD([good[0], bad], lr=0.1)
+    opt = SGD(good, lr=0.1)
+    with pytest.raises(TypeError, match="only real floating-point"):
+        opt.add_param_group({"params": [bad]})
+    assert len(opt.param_groups) == 1
+
+
+def test_bad_param_group_is_not_added():
+    a = make_params()
+    opt = SGD(a[:2], lr=0.1)
+    with pytest.raises(ValueError, match="momentum must be"):
+        opt.add_param_group({"params": a[2:], "momentum": -1.0})
+    assert len(opt.param_groups) == 1

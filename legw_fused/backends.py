@@ -35,13 +35,9 @@ class Backend:
         return reason
 
 
-def _torch_reason() -> str | None:
-    return None
-
-
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", None, reference.step_, "pure-PyTorch reference over torch._foreach_* ops",
-                     _torch_reason),
+                     lambda: None),
     "cpp": Backend("cpp", ("cpu",), None, "fused C++ CPU kernel (legw_fused._C)",
                    lambda: _ops.EXTENSION_ERROR or _FUSED_STEP_PENDING),
     "cuda": Backend("cuda", ("cuda",), None, "fused multi-tensor CUDA kernel (legw_fused._C)",

@@ -38,9 +38,10 @@ def trust_ratios(params: list[Tensor], grads: list[Tensor], *, lr, weight_decay:
     return torch.where((p_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
 
 
-def _step_fp32_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], *, lr, momentum: float,
-                dampening: float, weight_decay: float, nesterov: bool, lars: bool, trust_coefficient: float,
-                eps: float, trust_clip: bool) -> list[Tensor | None]:
+def _update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], *, lr, momentum: float,
+             dampening: float, weight_decay: float, nesterov: bool, lars: bool, trust_coefficient: float,
+             eps: float, trust_clip: bool) -> list[Tensor | None]:
+    """The update in the tensors' own precision (fp32 or fp64)."""
     # `grads` may be the parameters' own .grad tensors: every op below that could write them is out-of-place.
     d = grads
     if weight_decay != 0:
@@ -80,11 +81,11 @@ def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], 
     hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
               lars=lars, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip)
     if params[0].dtype not in (torch.float16, torch.bfloat16):  # fp32 and fp64 run in their own precision
-        return _step_fp32_(params, grads, bufs, **hp)
+        return _update_(params, grads, bufs, **hp)
 
     p32 = [p.float() for p in params]
     b32 = [None if b is None else b.float() for b in bufs]
-    b32 = _step_fp32_(p32, [g.float() for g in grads], b32, **hp)
+    b32 = _update_(p32, [g.float() for g in grads], b32, **hp)
     torch._foreach_copy_(params, p32)
     out: list[Tensor | None] = []
     for b, new in zip(bufs, b32):

@@ -171,9 +171,11 @@ class LEGW:
 
     def pack(self) -> list[float]:
         """The schedule as the flat float64 list that C++/CUDA/Triton kernels read (layout: PACKED_SLOTS)."""
-        return [float(DECAYS.index(self.decay)), self.peak_lr, self.end_lr, float(self.warmup_steps),
-                float(self.total_steps), self.steps_per_epoch, self.power, self.gamma,
-                float(len(self.milestone_steps)), *map(float, self.milestone_steps)]
+        header = {"decay": DECAYS.index(self.decay), "peak_lr": self.peak_lr, "end_lr": self.end_lr,
+                  "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                  "steps_per_epoch": self.steps_per_epoch, "power": self.power, "gamma": self.gamma,
+                  "num_milestones": len(self.milestone_steps)}
+        return [float(header[slot]) for slot in PACKED_SLOTS] + [float(m) for m in self.milestone_steps]
 
     def packed(self, device) -> torch.Tensor:
         """``pack()`` as a float64 tensor on ``device``, made once per device (kernels read it, never the host)."""

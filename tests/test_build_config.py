@@ -1,0 +1,79 @@
+"""setup.py's build decisions (legw_fused/_build_config.py), checked with fake toolkits: no compiler runs."""
+
+import os
+import stat
+
+import pytest
+
+from legw_fused import _build_config as bc
+
+
+def fake_toolkit(root):
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (root / "include" / "cuda_runtime.h").write_text("")
+    return root
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    for var in ("CUDA_HOME", "CUDA_PATH", "LEGW_FUSED_SKIP_CUDA_BUILD", "LEGW_FUSED_FORCE_CUDA_BUILD"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    monkeypatch.setattr(bc, "_is_toolkit", lambda folder, real=bc._is_toolkit: real(folder)
+                        and not str(folder).startswith("/usr/local/cuda"))  # ignore this machine's toolkit
+    return monkeypatch
+
+
+def test_skip_flag_wins(clean_env, tmp_path):
+    clean_env.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "cuda")))
+    clean_env.setenv("LEGW_FUSED_SKIP_CUDA_BUILD", "1")
+    assert bc.cuda_decision("13.0") == (False, None, "LEGW_FUSED_SKIP_CUDA_BUILD=1")
+
+
+def test_cpu_torch_builds_cpu_only_and_force_fails_with_reason(clean_env):
+    with_cuda, home, reason = bc.cuda_decision(None)
+    assert not with_cuda and home is None and "CPU-only build" in reason
+    clean_env.setenv("LEGW_FUSED_FORCE_CUDA_BUILD", "1")
+    with pytest.raises(bc.BuildConfigError, match="CPU-only build"):
+        bc.cuda_decision(None)
+
+
+def test_cuda_home_is_used_and_checked(clean_env, tmp_path):
+    home = fake_toolkit(tmp_path / "cuda-13.0")
+    clean_env.setenv("CUDA_HOME", str(home))
+    assert bc.cuda_decision("13.0") == (True, str(home), f"torch CUDA 13.0, toolkit {home} (found via $CUDA_HOME)")
+    clean_env.setenv("CUDA_HOME", str(tmp_path))
+    with_cuda, _, reason = bc.cuda_decision("13.0")
+    assert not with_cuda and "$CUDA_HOME" in reason and "not a CUDA toolkit" in reason
+    clean_env.setenv("LEGW_FUSED_FORCE_CUDA_BUILD", "1")
+    with pytest.raises(bc.BuildConfigError, match="not a CUDA toolkit"):
+        bc.cuda_decision("13.0")
+
+
+def test_toolkit_found_through_an_nvcc_wrapper_script(clean_env, tmp_path):
+    # As on our CI machines: the nvcc on PATH is a script outside the toolkit that execs the real one.
+    home = fake_toolkit(tmp_path / "toolkits" / "cuda-13.0")
+    wrapper_dir = tmp_path / "bin"
+    wrapper_dir.mkdir()
+    wrapper = wrapper_dir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\necho "#$ TOP={home}/bin/.." >&2\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    clean_env.setenv("PATH", str(wrapper_dir))
+    with_cuda, found, reason = bc.cuda_decision("13.0")
+    assert with_cuda and found == os.path.normpath(f"{home}/bin/..") and "TOP=" in reason
+
+
+def test_no_toolkit_anywhere(clean_env):
+    with_cuda, home, reason = bc.cuda_decision("13.0")
+    assert not with_cuda and home is None and "no CUDA toolkit was found" in reason
+
+
+def test_cusparse_headers_from_nvidia_wheels(tmp_path):
+    torch_dir = tmp_path / "site-packages" / "torch"
+    torch_dir.mkdir(parents=True)
+    inc = tmp_path / "site-packages" / "nvidia" / "cu13" / "include"
+    inc.mkdir(parents=True)
+    (inc / "cusparse.h").write_text("")
+    assert bc.extra_cuda_include_dirs(torch_dir) == [str(inc)]

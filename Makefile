@@ -4,10 +4,13 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 DEPS    := $(VENV)/.deps-installed
 BUILT   := $(VENV)/.extension-built
+FLAGS   := $(VENV)/.build-flags
 # The editable install serves Python changes directly; only these need a rebuild of legw_fused._C.
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py legw_fused/_build_config.py
+BUILD_FLAGS := skip=$(LEGW_FUSED_SKIP_CUDA_BUILD) force=$(LEGW_FUSED_FORCE_CUDA_BUILD) \
+	cuda_home=$(CUDA_HOME) arch=$(TORCH_CUDA_ARCH_LIST)
 
-.PHONY: demo test build clean
+.PHONY: demo test build clean FORCE
 
 demo: build
 	$(BIN)/python -m legw_fused demo
@@ -17,9 +20,14 @@ test: build
 
 build: $(BUILT)
 
-$(BUILT): $(DEPS) $(SOURCES)
+$(BUILT): $(DEPS) $(SOURCES) $(FLAGS)
 	$(BIN)/pip install --no-build-isolation --no-deps -e .
 	touch $@
+
+# Rewritten only when the build flags change, so that e.g. LEGW_FUSED_FORCE_CUDA_BUILD=1 triggers a rebuild.
+$(FLAGS): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(BUILD_FLAGS)' | cmp -s - $@ || echo '$(BUILD_FLAGS)' > $@
 
 $(DEPS): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,4 +35,4 @@ $(DEPS): requirements.txt
 	touch $@
 
 clean:
-	rm -rf build legw_fused/_C*.so *.egg-info $(BUILT)
+	rm -rf build legw_fused/_C*.so *.egg-info $(BUILT) $(FLAGS)

@@ -23,4 +23,15 @@ TORCH_LIBRARY(legw_fused, m) {
   // LEGW learning rate of every step count in `step` (an int64 tensor of any shape), read from the packed
   // float64 schedule (LEGW.packed). Returns float64 of step's shape. The fused step kernels inline the same math.
   m.def("legw_lr(Tensor step, Tensor schedule) -> Tensor");
+
+  // One SGD/LARS step over lists of same-device, same-dtype tensors (see legw_fused/reference.py for the math).
+  // LR: schedule(step) when `schedule` (LEGW.packed) is given, else lr_tensor, else lr. `step` is only read:
+  // the optimizer advances it after all of a step's calls. With found_inf != 0 nothing is written; grads are
+  // multiplied by 1/grad_scale as they are read and never written. master_params (fp32, optional) are the
+  // values updated for bf16/fp16 params, which then receive their rounding.
+  m.def(
+      "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] master_params, Tensor step, Tensor? schedule, Tensor? lr_tensor, float lr, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool first_step, bool lars, float trust_coefficient, "
+      "float eps, bool trust_clip, Tensor? grad_scale, Tensor? found_inf) -> ()");
 }

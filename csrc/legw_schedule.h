@@ -36,8 +36,9 @@ enum Decay : int { kPoly = 0, kCosine = 1, kExp = 2, kStep = 3, kConstant = 4 };
 constexpr int kNumDecays = 5;
 
 // LR of optimizer step t (t = steps already taken). Operation order follows LEGW.lr() so that the CPU result is
-// bitwise the Python one (same libm); on CUDA pow/cos may differ in the last bit of a double.
-LEGW_HOST_DEVICE double legw_lr(double t, const double* sched) {
+// bitwise the Python one (same libm); on CUDA pow/cos may differ in the last bit of a double. `sched_len` (the
+// packed tensor's numel) bounds the milestone reads, since on the device the header cannot be checked first.
+LEGW_HOST_DEVICE double legw_lr(double t, const double* sched, int64_t sched_len) {
   const double peak = sched[kPeakLr];
   const double end = sched[kEndLr];
   const double W = sched[kWarmupSteps];
@@ -52,7 +53,8 @@ LEGW_HOST_DEVICE double legw_lr(double t, const double* sched) {
     case kExp:
       return peak * pow(sched[kGamma], (t - W) / sched[kStepsPerEpoch]);
     case kStep: {
-      const int64_t n = static_cast<int64_t>(sched[kNumMilestones]);
+      const int64_t announced = static_cast<int64_t>(sched[kNumMilestones]);
+      const int64_t n = announced < sched_len - kFirstMilestone ? announced : sched_len - kFirstMilestone;
       double passed = 0.0;
       for (int64_t i = 0; i < n; ++i) passed += t >= sched[kFirstMilestone + i] ? 1.0 : 0.0;
       return peak * pow(sched[kGamma], passed);

@@ -10,6 +10,8 @@ import importlib
 
 import torch
 
+from .schedule import LEGW
+
 try:
     # Importing the shared library registers the legw_fused:: ops with the dispatcher.
     _C = importlib.import_module("legw_fused._C")
@@ -33,6 +35,12 @@ if _C is not None:
     def _legw_lr_fake(step: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(step, dtype=torch.float64)
 
+    @torch.library.register_fake("legw_fused::fused_step_")
+    def _fused_step_fake(params, grads, momentum_buffers, master_params, step, schedule, lr_tensor, lr, momentum,
+                         dampening, weight_decay, nesterov, first_step, lars, trust_coefficient, eps, trust_clip,
+                         grad_scale, found_inf) -> None:
+        return None
+
 
 def legw_lr(step: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
     """LEGW LR (float64) of each int64 step count in ``step``, evaluated by the C++/CUDA kernel on their device.
@@ -42,3 +50,22 @@ def legw_lr(step: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
     if _C is None:
         raise RuntimeError(EXTENSION_ERROR)
     return torch.ops.legw_fused.legw_lr(step, schedule)
+
+
+def fused_step_(params, grads, momentum_buffers, step, *, lr, first_step, momentum, dampening, weight_decay,
+                nesterov, lars, trust_coefficient, eps, trust_clip, grad_scale=None, found_inf=None,
+                master_params=()) -> None:
+    """One fused SGD/LARS step over same-device, same-dtype tensor lists (see csrc/legw_fused.cpp).
+
+    ``lr`` is a float, a one-element tensor on the device, or a LEGW schedule, which the kernel evaluates at the
+    device step count ``step``.
+    """
+    if _C is None:
+        raise RuntimeError(EXTENSION_ERROR)
+    schedule = lr.packed(step.device) if isinstance(lr, LEGW) else None
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    lr_value = float(lr) if schedule is None and lr_tensor is None else 0.0
+    torch.ops.legw_fused.fused_step_(params, grads, momentum_buffers, list(master_params), step, schedule, lr_tensor,
+                                     lr_value, float(momentum), float(dampening), float(weight_decay), nesterov,
+                                     first_step, lars, float(trust_coefficient), float(eps), trust_clip, grad_scale,
+                                     found_inf)

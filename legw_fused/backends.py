@@ -16,35 +16,87 @@ from . import _ops, reference
 
 __all__ = ["Backend", "BACKENDS", "AUTO_ORDER", "backend_info", "select_backend", "check_backend_name"]
 
-_FUSED_STEP_PENDING = "the fused optimizer-step kernels are not implemented yet (issue: fused optimizer step)"
+_STEP_PENDING = "this fused optimizer-step kernel is not implemented yet (issue: fused optimizer step)"
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fused_op_step(params, grads, bufs, *, lr, step, momentum, dampening, weight_decay, nesterov, lars=False,
+                   trust_coefficient=0.0, eps=0.0, trust_clip=False, grad_scale=None, found_inf=None):
+    """reference.step_'s calling convention on top of the fused op legw_fused::fused_step_.
+
+    New momentum buffers are allocated here and filled by the kernel (buf = d). Under a GradScaler the step may be
+    skipped on the device, so a new buffer must also be right if it is never written: zeros are, when dampening is
+    0 (the next step computes m*0 + d = d); otherwise the caller reads found_inf on the host first (optim.py).
+    """
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+              lars=lars, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip,
+              grad_scale=grad_scale, found_inf=found_inf)
+    if momentum == 0:
+        _ops.fused_step_(params, grads, [], step, first_step=False, **hp)
+        return bufs
+    new = [i for i, b in enumerate(bufs) if b is None]
+    if not new:
+        _ops.fused_step_(params, grads, bufs, step, first_step=False, **hp)
+        return bufs
+    zero_init = found_inf is not None
+    bufs = [(torch.zeros_like(p) if zero_init else torch.empty_like(p)) if b is None else b
+            for p, b in zip(params, bufs)]
+    if zero_init or len(new) == len(params):
+        _ops.fused_step_(params, grads, bufs, step, first_step=not zero_init, **hp)
+        return bufs
+    # Some tensors start their momentum now, others continue it: one call for each kind.
+    old = sorted(set(range(len(params))) - set(new))
+    for idx, first in ((new, True), (old, False)):
+        _ops.fused_step_([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx], step,
+                         first_step=first, **hp)
+    return bufs
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
     device_types: tuple[str, ...] | None  # None: any device torch runs on
-    step: Callable | None  # signature of reference.step_
+    dtypes: tuple[torch.dtype, ...] | None  # None: any floating-point dtype
+    step: Callable  # reference.step_'s signature
     description: str
     reason_fn: Callable[[], str | None]  # why it cannot run here at all, or None
 
-    def unavailable_reason(self, device_type: str | None = None) -> str | None:
+    def unavailable_reason(self, device_type: str | None = None, dtype: torch.dtype | None = None,
+                           contiguous: bool = True) -> str | None:
         reason = self.reason_fn()
         if reason is None and device_type is not None and self.device_types is not None \
                 and device_type not in self.device_types:
             reason = f"runs on {'/'.join(self.device_types)} tensors only, not {device_type}"
+        if reason is None and dtype is not None and self.dtypes is not None and dtype not in self.dtypes:
+            reason = f"supports {', '.join(str(d).removeprefix('torch.') for d in self.dtypes)} params, not {dtype}"
+        if reason is None and not contiguous and self.name != "torch":
+            reason = "needs contiguous parameters"
         return reason
 
 
+def _cpp_reason() -> str | None:
+    return _ops.EXTENSION_ERROR or (None if _ops.has_kernel("fused_step_", "CPU") else
+                                    "legw_fused._C has no CPU kernel for fused_step_ (rebuild the extension)")
+
+
+def _cuda_reason() -> str | None:
+    if _ops.EXTENSION_ERROR:
+        return _ops.EXTENSION_ERROR
+    if not _ops.WITH_CUDA:
+        return "legw_fused._C was built without CUDA sources"
+    return None if _ops.has_kernel("fused_step_", "CUDA") else _STEP_PENDING
+
+
 BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", None, reference.step_, "pure-PyTorch reference over torch._foreach_* ops",
+    "torch": Backend("torch", None, None, reference.step_, "pure-PyTorch reference over torch._foreach_* ops",
                      lambda: None),
-    "cpp": Backend("cpp", ("cpu",), None, "fused C++ CPU kernel (legw_fused._C)",
-                   lambda: _ops.EXTENSION_ERROR or _FUSED_STEP_PENDING),
-    "cuda": Backend("cuda", ("cuda",), None, "fused multi-tensor CUDA kernel (legw_fused._C)",
-                    lambda: _ops.EXTENSION_ERROR or ("legw_fused._C was built without CUDA sources"
-                                                     if not _ops.WITH_CUDA else _FUSED_STEP_PENDING)),
-    "triton": Backend("triton", ("cuda",), None, "fused multi-tensor Triton kernel",
-                      lambda: _FUSED_STEP_PENDING),
+    "cpp": Backend("cpp", ("cpu",), FUSED_DTYPES, _fused_op_step, "fused C++ CPU kernel (legw_fused._C)",
+                   _cpp_reason),
+    "cuda": Backend("cuda", ("cuda",), FUSED_DTYPES, _fused_op_step,
+                    "fused multi-tensor CUDA kernel (legw_fused._C)", _cuda_reason),
+    "triton": Backend("triton", ("cuda",), FUSED_DTYPES, _fused_op_step, "fused multi-tensor Triton kernel",
+                      lambda: _STEP_PENDING),
 }
 
 # Fastest first; "torch" closes every list so that auto always finds a backend.
@@ -57,17 +109,20 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
-def select_backend(backend: str, device: torch.device) -> Backend:
-    """The backend that runs a step on ``device``; raises with the reason if an explicit one cannot."""
+def select_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
+                   contiguous: bool = True) -> Backend:
+    """The backend that runs a step on tensors of ``device``/``dtype``; raises with the reason if an explicit one
+    cannot. "auto" takes the first in AUTO_ORDER that can (the reference always can)."""
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("torch",)):
-            if BACKENDS[name].unavailable_reason(device.type) is None:
+            if BACKENDS[name].unavailable_reason(device.type, dtype, contiguous) is None:
                 return BACKENDS[name]
         raise AssertionError("the torch backend is always available")
     chosen = BACKENDS[check_backend_name(backend)]
-    reason = chosen.unavailable_reason(device.type)
+    reason = chosen.unavailable_reason(device.type, dtype, contiguous)
     if reason is not None:
-        raise RuntimeError(f"backend {backend!r} cannot run on {device}: {reason}")
+        raise RuntimeError(f"backend {backend!r} cannot run on {device}"
+                           f"{'' if dtype is None else f' with {dtype} params'}: {reason}")
     return chosen
 
 
@@ -80,9 +135,11 @@ def backend_info() -> dict[str, dict]:
     for name, b in BACKENDS.items():
         reason = b.unavailable_reason()
         info[name] = {"available": reason is None, "reason": reason, "device_types": b.device_types or "any",
+                      "dtypes": [str(d).removeprefix("torch.") for d in b.dtypes] if b.dtypes else "any",
                       "description": b.description}
     info["auto"] = {dev: select_backend("auto", torch.device(dev)).name for dev in AUTO_ORDER}
     info["extension"] = {"available": _ops.EXTENSION_ERROR is None, "reason": _ops.EXTENSION_ERROR,
                          "with_cuda": _ops.WITH_CUDA,
-                         "ops": {"legw_lr": [k for k in ("CPU", "CUDA") if _ops.has_kernel("legw_lr", k)]}}
+                         "ops": {op: [k for k in ("CPU", "CUDA") if _ops.has_kernel(op, k)]
+                                 for op in ("legw_lr", "fused_step_")}}
     return info

@@ -77,13 +77,16 @@ class _MomentumOptimizer(Optimizer):
                 if not t.is_floating_point():
                     raise TypeError(f"{type(self).__name__} (param group {index}): parameter {i} has dtype "
                                     f"{t.dtype}; only real floating-point parameters are supported")
-                select_backend(self.backend, t.device)  # an explicit backend that cannot run raises now
+                # An explicit backend that cannot run on this tensor raises now rather than at the first step.
+                select_backend(self.backend, t.device, t.dtype, t.is_contiguous())
         filled = {**self.defaults, **group}
         self._check_group(filled, index)
         # A tensor lr is checked once here (one host read), never in step(), which must not sync.
-        if isinstance(filled["lr"], Tensor) and filled["lr"].item() < 0:
-            raise ValueError(f"{type(self).__name__} (param group {index}): lr must be >= 0, got "
-                             f"{filled['lr'].item()}")
+        if isinstance(filled["lr"], Tensor):
+            value = filled["lr"].item()
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{type(self).__name__} (param group {index}): lr must be a finite number >= 0, "
+                                 f"got {value}")
         super().add_param_group(group)
 
     # ------------------------------------------------------------------ step
@@ -92,11 +95,13 @@ class _MomentumOptimizer(Optimizer):
                     nesterov=group["nesterov"])
 
     def _counter(self, device: torch.device, value: int = 0) -> Tensor:
-        """This optimizer's step count on ``device`` (made on first use, equal on every device)."""
+        """This optimizer's step count on ``device``: the number of step() calls that updated (GradScaler skips
+        excluded), equal on every device. Made when first needed; torch.full launches a fill, no host copy."""
         if device not in self._step_counters:
             others = list(self._step_counters.values())
+            # Copied from a device that already counts: only when parameters on a new device appear.
             self._step_counters[device] = (others[0].to(device, copy=True) if others else
-                                           torch.tensor(value, dtype=torch.int64, device=device))
+                                           torch.full((), value, dtype=torch.int64, device=device))
         return self._step_counters[device]
 
     @torch.no_grad()
@@ -108,27 +113,32 @@ class _MomentumOptimizer(Optimizer):
                 loss = closure()
 
         # Phase 1: every check, before any tensor or state changes.
-        work = []
+        work, devices = [], set()
         for index, group in enumerate(self.param_groups):
             self._check_group(group, index)
             buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
             for p in group["params"]:
+                devices.add(p.device)
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} (param group {index}): sparse gradients are not "
                                        f"supported (parameter of shape {tuple(p.shape)})")
                 buckets.setdefault((p.device, p.dtype), []).append(p)
-            for (device, _), params in buckets.items():
-                work.append((group, select_backend(self.backend, device), params))
+            for (device, dtype), params in buckets.items():
+                contiguous = all(p.is_contiguous() for p in params)
+                work.append((group, select_backend(self.backend, device, dtype, contiguous), params))
 
         # Phase 2: update, one backend call per (group, device, dtype) bucket.
+        for device in devices:  # every step() counts, also one in which no parameter has a gradient
+            self._counter(device)
         for group, backend, params in work:
             device = params[0].device
             counter = self._counter(device)
             lr = group["lr"]
-            if isinstance(lr, Tensor):
-                lr = lr.to(device, non_blocking=True)
+            if isinstance(lr, Tensor) and lr.device != device:
+                # Asynchronous only host -> device: a device -> host copy must complete before CPU kernels read it.
+                lr = lr.to(device, non_blocking=lr.device.type == "cpu")
             bufs = []
             for p in params:
                 state = self.state[p]
@@ -165,12 +175,15 @@ class _MomentumOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load our own state_dict or torch.optim.SGD's; everything is checked before anything changes."""
-        super().load_state_dict(self._checked_state_dict(state_dict))
+        checked, t = self._checked_state_dict(state_dict)
+        super().load_state_dict(checked)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        # The step count is the largest one saved (all equal when we saved it); torch.optim.SGD saves none: 0.
-        t = max((int(st["step"]) for st in self.state.values() if st.get("step") is not None), default=0)
+        self._link_step_counters(t)
+
+    def _link_step_counters(self, t: int) -> None:
+        """One counter per device holding ``t``, shared by the state of every parameter on it."""
         self._step_counters = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -178,7 +191,8 @@ class _MomentumOptimizer(Optimizer):
                 if p in self.state:
                     self.state[p]["step"] = counter
 
-    def _checked_state_dict(self, state_dict: dict) -> dict:
+    def _checked_state_dict(self, state_dict: dict) -> tuple[dict, int]:
+        """The state_dict made loadable, and its step count; raises on anything wrong, changing nothing."""
         name = type(self).__name__
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
             raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups'")
@@ -202,12 +216,39 @@ class _MomentumOptimizer(Optimizer):
             self._check_group({**self.defaults, **group}, index)
             groups.append(group)
             id_to_param.update(zip(saved["params"], current["params"]))
+        steps = []
         for key, state in state_dict["state"].items():
             param, buf = id_to_param.get(key), state.get("momentum_buffer")
+            if buf is not None and not isinstance(buf, Tensor):
+                raise ValueError(f"{name}.load_state_dict: momentum_buffer of parameter {key} must be a tensor, "
+                                 f"got {type(buf).__name__}")
             if param is not None and buf is not None and tuple(buf.shape) != tuple(param.shape):
                 raise ValueError(f"{name}.load_state_dict: momentum_buffer of parameter {key} has shape "
                                  f"{tuple(buf.shape)} but the parameter has shape {tuple(param.shape)}")
-        return {**state_dict, "param_groups": groups}
+            if state.get("step") is not None:
+                steps.append(_checked_step(name, key, state["step"]))
+        # The step count is the largest one saved (all equal when we saved it); torch.optim.SGD saves none: 0.
+        return {**state_dict, "param_groups": groups}, max(steps, default=0)
+
+    # copy.deepcopy / pickle: torch.optim.Optimizer keeps only defaults, state and param_groups.
+    def __getstate__(self):
+        return {**super().__getstate__(), "backend": self.backend}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_step_counters" not in self.__dict__:  # unpickled, not load_state_dict's internal call
+            self.backend = state.get("backend", "auto")
+            t = max((int(s["step"]) for s in self.state.values() if s.get("step") is not None), default=0)
+            self._link_step_counters(t)
+
+
+def _checked_step(name: str, key, step) -> int:
+    value = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0 \
+        and value == int(value)
+    if not ok:
+        raise ValueError(f"{name}.load_state_dict: step of parameter {key} must be one integer >= 0, got {step!r}")
+    return int(value)
 
 
 def _check_nonnegative(where: str, name: str, value) -> None:

@@ -28,12 +28,16 @@ __all__ = ["step_", "trust_ratios"]
 
 def trust_ratios(params: list[Tensor], grads: list[Tensor], *, lr, weight_decay: float, trust_coefficient: float,
                  eps: float, trust_clip: bool) -> Tensor:
-    """LARS trust ratio of every tensor, as one fp32 vector on the bucket's device."""
-    p_norm = torch.stack(torch._foreach_norm(params)).float()
-    g_norm = torch.stack(torch._foreach_norm(grads)).float()
+    """LARS trust ratio of every tensor, as one vector (the tensors' dtype) on the bucket's device."""
+    p_norm = torch.stack(torch._foreach_norm(params))
+    g_norm = torch.stack(torch._foreach_norm(grads))
     ratio = trust_coefficient * p_norm / (g_norm + weight_decay * p_norm + eps)
     if trust_clip:
-        ratio = torch.clamp(ratio / lr, max=1.0)
+        # min(r / lr, 1), and 1 at lr = 0 (the limit; 0/0 would otherwise give NaN when trust_coefficient = 0).
+        if isinstance(lr, Tensor):
+            ratio = torch.where(lr > 0, torch.clamp(ratio / lr, max=1.0), 1.0).to(ratio.dtype)
+        else:
+            ratio = torch.clamp(ratio / lr, max=1.0) if lr > 0 else torch.ones_like(ratio)
     # A zero-norm weight (fresh zero init) or gradient would give r = 0 or inf; such tensors take the plain step.
     return torch.where((p_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
 

@@ -256,5 +256,8 @@ class LEGWScheduler(LRScheduler):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         schedules = [LEGW.from_dict(d) for d in state_dict.pop("schedules", [s.to_dict() for s in self.schedules])]
+        if len(schedules) != len(self.optimizer.param_groups):
+            raise ValueError(f"LEGWScheduler.load_state_dict: {len(schedules)} schedules saved for an optimizer with "
+                             f"{len(self.optimizer.param_groups)} param groups")
         super().load_state_dict(state_dict)
         self.schedules = schedules

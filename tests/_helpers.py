@@ -70,3 +70,21 @@ def legw_formula(base_lr, base_bs, bs, base_warmup_epochs, spe, epochs, decay="p
         return peak
 
     return lr
+
+
+EXACT = dict(rtol=0, atol=0)
+# Fused kernels round differently from torch's op sequence (fused multiply-adds, the LR as a device value): each step
+# may differ by one ulp of a value's magnitude, which reaches ~8 in these tests (ulp(8) = 9.5e-7).
+FUSED_TOL = dict(rtol=1e-6, atol=2e-6)
+
+
+def require_backend(name):
+    """Skip (with the stored reason) if backend ``name`` cannot run on CPU tensors here."""
+    import pytest
+
+    import legw_fused
+
+    reason = legw_fused.backends.BACKENDS[name].unavailable_reason("cpu")
+    if reason is not None:
+        pytest.skip(f"backend {name!r} unavailable: {reason}")
+    return name

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _helpers import clone_params, legw_formula, make_params, set_random_grads
+from _helpers import EXACT, FUSED_TOL, clone_params, legw_formula, make_params, set_random_grads
 
 import legw_fused
 from legw_fused import LEGW
@@ -66,11 +66,11 @@ def zero_norm_params():
     return params
 
 
-def run_against_formula(cfg, lr, ref_lr, lars=True, steps=20, trust_coefficient=0.02, seed=0):
+def run_against_formula(cfg, lr, ref_lr, backend, lars=True, steps=20, trust_coefficient=0.02, seed=0):
     a = zero_norm_params()
     b = clone_params(a)
     ours = legw_fused.LARS([{"params": a, "lars": lars}], lr=lr, trust_coefficient=trust_coefficient, eps=1e-8,
-                           backend="torch", **cfg)
+                           backend=backend, **cfg)
     ref = FormulaLARS(b, ref_lr, cfg["momentum"], cfg.get("dampening", 0.0), cfg["weight_decay"],
                       cfg.get("nesterov", False), trust_coefficient, 1e-8, cfg["trust_clip"], lars=lars)
     gen = torch.Generator().manual_seed(seed)
@@ -88,25 +88,27 @@ def run_against_formula(cfg, lr, ref_lr, lars=True, steps=20, trust_coefficient=
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=ids)
-def test_float_lr_matches_formula(cfg):
-    run_against_formula(cfg, lr=0.5, ref_lr=0.5)
+def test_float_lr_matches_formula(cfg, backend):
+    run_against_formula(cfg, lr=0.5, ref_lr=0.5, backend=backend)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=ids)
-def test_legw_lr_matches_formula(cfg):
+def test_legw_lr_matches_formula(cfg, backend):
     # trust_clip divides by the LR of the step: the schedule's value, evaluated on the device.
     sched = LEGW(2.0, 256, 1024, 0.5, 4, 6)
-    run_against_formula(cfg, lr=sched, ref_lr=legw_formula(2.0, 256, 1024, 0.5, 4, 6), steps=sched.total_steps + 2)
+    run_against_formula(cfg, lr=sched, ref_lr=legw_formula(2.0, 256, 1024, 0.5, 4, 6), backend=backend,
+                        steps=sched.total_steps + 2)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS[:3], ids=ids)
-def test_lars_false_group_is_plain_sgd(cfg):
-    run_against_formula(cfg, lr=0.05, ref_lr=0.05, lars=False)
-    # ... and equals torch.optim.SGD exactly with a float LR.
+def test_lars_false_group_is_plain_sgd(cfg, backend):
+    run_against_formula(cfg, lr=0.05, ref_lr=0.05, backend=backend, lars=False)
+    # ... and equals torch.optim.SGD (the reference bit for bit) with a float LR.
     a = make_params()
     b = clone_params(a)
     hp = {k: v for k, v in cfg.items() if k != "trust_clip"}
-    ours = legw_fused.LARS([{"params": a, "lars": False}], lr=0.05, trust_clip=cfg["trust_clip"], **hp)
+    ours = legw_fused.LARS([{"params": a, "lars": False}], lr=0.05, trust_clip=cfg["trust_clip"], backend=backend,
+                           **hp)
     theirs = torch.optim.SGD(b, lr=0.05, **hp)
     gen = torch.Generator().manual_seed(1)
     for _ in range(10):
@@ -114,14 +116,15 @@ def test_lars_false_group_is_plain_sgd(cfg):
         ours.step()
         theirs.step()
     for pa, pb in zip(a, b):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+        torch.testing.assert_close(pa, pb, **(EXACT if backend == "torch" else FUSED_TOL))
 
 
-def test_trust_ratio_actually_scales_the_step():
+def test_trust_ratio_actually_scales_the_step(backend):
     """Guard against a test that passes because r = 1 everywhere: a single step of plain LARS, by hand."""
     p = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # |p| = 5
     p.grad = torch.tensor([0.0, 0.5])  # |g| = 0.5
-    opt = legw_fused.LARS([p], lr=0.1, momentum=0.0, weight_decay=0.0, trust_coefficient=0.01, eps=0.0)
+    opt = legw_fused.LARS([p], lr=0.1, momentum=0.0, weight_decay=0.0, trust_coefficient=0.01, eps=0.0,
+                          backend=backend)
     opt.step()
     r = 0.01 * 5 / 0.5  # 0.1
     torch.testing.assert_close(p.detach(), torch.tensor([3.0, 4.0 - 0.1 * r * 0.5]), rtol=0, atol=1e-7)
@@ -131,13 +134,13 @@ timm = pytest.importorskip("timm.optim", reason="timm is a test dependency (requ
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=ids)
-def test_matches_timm_lars_always_adapt(cfg):
+def test_matches_timm_lars_always_adapt(cfg, backend):
     # timm clips r = 1 too (min(1/lr, 1)); with lr <= 1 that is 1 as well, so the zero-norm cases agree.
     a = zero_norm_params()
     b = clone_params(a)
     hp = dict(momentum=cfg["momentum"], dampening=cfg.get("dampening", 0.0), weight_decay=cfg["weight_decay"],
               nesterov=cfg.get("nesterov", False), eps=1e-8, trust_clip=cfg["trust_clip"])
-    ours = legw_fused.LARS(a, lr=0.5, trust_coefficient=0.02, **hp)
+    ours = legw_fused.LARS(a, lr=0.5, trust_coefficient=0.02, backend=backend, **hp)
     theirs = timm.Lars(b, lr=0.5, trust_coeff=0.02, always_adapt=True, **hp)
     gen = torch.Generator().manual_seed(5)
     for _ in range(20):

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from _helpers import assert_unchanged, clone_params, make_params, set_random_grads, snapshot
+from _helpers import (EXACT, FUSED_TOL, assert_unchanged, clone_params, make_params, set_random_grads,
+                      snapshot)
 
 import legw_fused
 from legw_fused import LARS, LEGW, SGD
@@ -60,24 +61,24 @@ def test_state_dict_round_trip_continues_identically(kind, lr):
 
 @pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
                                  dict(momentum=0.5, dampening=0.3)])
-def test_torch_sgd_state_dict_loads_and_continues_identically(cfg):
+def test_torch_sgd_state_dict_loads_and_continues_identically(cfg, backend):
     a = make_params()
     theirs = torch.optim.SGD(a, lr=0.05, **cfg)
     gen = torch.Generator().manual_seed(1)
     steps([(theirs, a)], 5, gen)
     b = clone_params(a)
-    ours = SGD(b, lr=0.9, **cfg)
+    ours = SGD(b, lr=0.9, backend=backend, **cfg)
     ours.load_state_dict(save_load(theirs.state_dict()))
     assert ours.param_groups[0]["lr"] == 0.05 and "foreach" not in ours.param_groups[0]
     steps([(theirs, a), (ours, b)], 10, gen)
     for pa, pb in zip(a, b):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+        torch.testing.assert_close(pa, pb, **(EXACT if backend == "torch" else FUSED_TOL))
 
 
 @pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=1e-2)])
-def test_our_state_dict_loads_into_torch_sgd_and_continues_identically(cfg):
+def test_our_state_dict_loads_into_torch_sgd_and_continues_identically(cfg, backend):
     a = make_params()
-    ours = SGD(a, lr=0.05, **cfg)
+    ours = SGD(a, lr=0.05, backend=backend, **cfg)
     gen = torch.Generator().manual_seed(2)
     steps([(ours, a)], 5, gen)
     b = clone_params(a)
@@ -85,7 +86,7 @@ def test_our_state_dict_loads_into_torch_sgd_and_continues_identically(cfg):
     theirs.load_state_dict(save_load(ours.state_dict()))
     steps([(theirs, b), (ours, a)], 10, gen)
     for pa, pb in zip(a, b):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+        torch.testing.assert_close(pa, pb, **(EXACT if backend == "torch" else FUSED_TOL))
 
 
 def test_state_dict_with_mismatching_shapes_is_rejected_and_nothing_changes():
@@ -151,10 +152,10 @@ def test_grad_scaler_skips_inf_steps_without_touching_anything(kind):
     assert int(opt.state[model[0].weight]["step"]) == 4
 
 
-def test_non_finite_grads_without_scaler_behave_like_torch():
+def test_non_finite_grads_without_scaler_behave_like_torch(backend):
     a = make_params()
     b = clone_params(a)
-    ours, theirs = SGD(a, lr=0.1, momentum=0.9), torch.optim.SGD(b, lr=0.1, momentum=0.9)
+    ours, theirs = SGD(a, lr=0.1, momentum=0.9, backend=backend), torch.optim.SGD(b, lr=0.1, momentum=0.9)
     gen = torch.Generator().manual_seed(4)
     set_random_grads([a, b], gen)
     for params in (a, b):
@@ -163,20 +164,20 @@ def test_non_finite_grads_without_scaler_behave_like_torch():
     ours.step()
     theirs.step()
     for pa, pb in zip(a, b):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(pa, pb, equal_nan=True, **(EXACT if backend == "torch" else FUSED_TOL))
     assert torch.isnan(a[0][0, 0]) and torch.isinf(a[4][1, 1, 1])
 
 
 # ---------------------------------------------------------------------------------------------- torch.optim API
 
-def test_closure_zero_grad_hooks_and_add_param_group():
+def test_closure_zero_grad_hooks_and_add_param_group(backend):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     extra = torch.nn.Parameter(torch.randn(5))
     twin = torch.nn.Linear(4, 3)
     twin.load_state_dict(model.state_dict())
     twin_extra = torch.nn.Parameter(extra.detach().clone())
-    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9, backend=backend)
     ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
     calls = []
     opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o)))
@@ -201,7 +202,7 @@ def test_closure_zero_grad_hooks_and_add_param_group():
         opt.step(closure_for(model, opt, extra))
         ref.step(closure_for(twin, ref, twin_extra))
     for pa, pb in zip(list(model.parameters()) + [extra], list(twin.parameters()) + [twin_extra]):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+        torch.testing.assert_close(pa, pb, **(EXACT if backend == "torch" else FUSED_TOL))
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
     # The new group joins the shared step count.
@@ -250,7 +251,8 @@ def test_backend_selection_explains_itself():
     ("sgd", dict(lr=-0.1), ValueError, "lr must be a finite number >= 0"),
     ("sgd", dict(lr=math.nan), ValueError, "lr must be a finite number >= 0"),
     ("sgd", dict(lr="0.1"), TypeError, "lr must be a real number"),
-    ("sgd", dict(lr=torch.tensor(-0.1)), ValueError, "lr must be >= 0"),
+    ("sgd", dict(lr=torch.tensor(-0.1)), ValueError, "lr must be a finite number >= 0"),
+    ("sgd", dict(lr=torch.tensor(math.inf)), ValueError, "lr must be a finite number >= 0"),
     ("sgd", dict(lr=torch.tensor([0.1, 0.2])), ValueError, "one floating-point value"),
     ("sgd", dict(lr=0.1, momentum=-0.9), ValueError, "momentum must be a finite number >= 0"),
     ("sgd", dict(lr=0.1, momentum=0.9, dampening=-0.1), ValueError, "dampening must be"),
@@ -317,3 +319,84 @@ def test_bad_param_group_is_not_added():
     with pytest.raises(ValueError, match="momentum must be"):
         opt.add_param_group({"params": a[2:], "momentum": -1.0})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.tensor(-3), "step of parameter 0 must be one integer >= 0"),
+    (torch.tensor([1, 2]), "must be one integer"),
+    (torch.tensor(2.5), "must be one integer"),
+    (math.nan, "must be one integer"),
+    ("7", "must be one integer"),
+])
+def test_bad_step_in_state_dict_is_rejected_before_loading(bad, match):
+    a = make_params()
+    opt = SGD(a, lr=SCHED, momentum=0.9)
+    steps([(opt, a)], 3, torch.Generator().manual_seed(8))
+    sd = save_load(opt.state_dict())
+    sd["state"][0]["step"] = bad
+    sd["param_groups"][0]["momentum"] = 0.5  # would show if the groups were loaded before the error
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, snap)
+    assert opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_non_tensor_momentum_buffer_is_rejected():
+    a = make_params()
+    opt = SGD(a, lr=0.1, momentum=0.9)
+    steps([(opt, a)], 1, torch.Generator().manual_seed(9))
+    sd = save_load(opt.state_dict())
+    sd["state"][0]["momentum_buffer"] = [0.0] * 35
+    with pytest.raises(ValueError, match="momentum_buffer of parameter 0 must be a tensor"):
+        opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "lars"])
+def test_deepcopy_and_pickle_continue_identically(kind):
+    import copy
+    import pickle
+
+    a = make_params()
+    opt = make_opt(kind, a, SCHED)
+    gen = torch.Generator().manual_seed(10)
+    steps([(opt, a)], 4, gen)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        b = clone.param_groups[0]["params"]
+        assert clone.backend == opt.backend and int(clone.state[b[0]]["step"]) == 4
+        assert clone.state[b[0]]["step"] is clone.state[b[1]]["step"]  # one shared counter again
+        ref = make_opt(kind, clone_params(a), SCHED)
+        ref.load_state_dict(save_load(opt.state_dict()))
+        steps([(clone, b), (ref, ref.param_groups[0]["params"])], 3, torch.Generator().manual_seed(11))
+        for pb, pr in zip(b, ref.param_groups[0]["params"]):
+            torch.testing.assert_close(pb, pr, rtol=0, atol=0)
+
+
+def test_every_step_call_counts_even_without_gradients(backend):
+    a = make_params()
+    opt = SGD(a, lr=SCHED, momentum=0.9, backend=backend)
+    opt.step()  # no gradients at all yet: still a step of the schedule, as with a torch LR scheduler
+    assert float(opt.current_lrs()[0]) == pytest.approx(SCHED(1))
+    set_random_grads([a], torch.Generator().manual_seed(12))
+    opt.step()
+    assert int(opt.state[a[0]]["step"]) == 2
+
+
+def test_trust_clip_at_zero_lr_leaves_params_finite(backend):
+    a = make_params()
+    before = [p.detach().clone() for p in a]
+    opt = LARS(a, lr=0.0, trust_coefficient=0.0, trust_clip=True, backend=backend)
+    set_random_grads([a], torch.Generator().manual_seed(13))
+    opt.step()
+    for p, q in zip(a, before):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)  # r = 1 (the limit), lr = 0: no move, no NaN
+
+
+def test_scheduler_state_with_wrong_number_of_schedules_is_rejected():
+    a, b = make_params()[:2]
+    opt = torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=1.0)
+    sched = legw_fused.LEGWScheduler(opt, SCHED)
+    sd = sched.state_dict()
+    sd["schedules"] = sd["schedules"][:1]
+    with pytest.raises(ValueError, match="1 schedules saved for an optimizer with 2 param groups"):
+        sched.load_state_dict(sd)

@@ -1,5 +1,5 @@
 // CUDA implementation of legw_fused::legw_lr: one thread per step count, the schedule read from device memory.
-// No host sync: the header is validated by the Python side that packed it (LEGW.packed), not read back here.
+// No host sync: the header is not read back here; LEGW.packed made it, and legw_lr() bounds the milestone reads.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -10,9 +10,9 @@
 namespace legw_fused {
 
 __global__ void legw_lr_kernel(const int64_t* __restrict__ step, const double* __restrict__ sched,
-                               double* __restrict__ out, int64_t n) {
+                               int64_t sched_len, double* __restrict__ out, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) out[i] = legw_lr(static_cast<double>(step[i]), sched);
+  if (i < n) out[i] = legw_lr(static_cast<double>(step[i]), sched, sched_len);
 }
 
 at::Tensor legw_lr_cuda(const at::Tensor& step, const at::Tensor& schedule) {
@@ -26,7 +26,7 @@ at::Tensor legw_lr_cuda(const at::Tensor& step, const at::Tensor& schedule) {
   constexpr int kThreads = 256;
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   legw_lr_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      t.data_ptr<int64_t>(), sched.data_ptr<double>(), out.data_ptr<double>(), n);
+      t.data_ptr<int64_t>(), sched.data_ptr<double>(), sched.numel(), out.data_ptr<double>(), n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -7,6 +7,7 @@ silently.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -75,11 +76,13 @@ class Backend:
         return reason
 
 
+@functools.cache  # what was built does not change while the process runs; step() asks on every call
 def _cpp_reason() -> str | None:
     return _ops.EXTENSION_ERROR or (None if _ops.has_kernel("fused_step_", "CPU") else
                                     "legw_fused._C has no CPU kernel for fused_step_ (rebuild the extension)")
 
 
+@functools.cache
 def _cuda_reason() -> str | None:
     if _ops.EXTENSION_ERROR:
         return _ops.EXTENSION_ERROR

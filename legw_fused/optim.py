@@ -112,43 +112,46 @@ class _MomentumOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Phase 1: every check, before any tensor or state changes.
-        work, devices = [], set()
+        # Phase 1: every check, before any tensor or state changes. (This loop runs per parameter on every step:
+        # it touches each tensor's attributes once.)
+        work = []
         for index, group in enumerate(self.param_groups):
             self._check_group(group, index)
-            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
             for p in group["params"]:
-                devices.add(p.device)
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                if p.grad.is_sparse:
+                if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} (param group {index}): sparse gradients are not "
                                        f"supported (parameter of shape {tuple(p.shape)})")
-                buckets.setdefault((p.device, p.dtype), []).append(p)
-            for (device, dtype), params in buckets.items():
+                params, grads = buckets.setdefault((p.device, p.dtype), ([], []))
+                params.append(p)
+                grads.append(g)
+            for (device, dtype), (params, grads) in buckets.items():
                 contiguous = all(p.is_contiguous() for p in params)
-                work.append((group, select_backend(self.backend, device, dtype, contiguous), params))
+                work.append((group, select_backend(self.backend, device, dtype, contiguous), params, grads))
 
         # Phase 2: update, one backend call per (group, device, dtype) bucket.
-        for device in devices:  # every step() counts, also one in which no parameter has a gradient
-            self._counter(device)
-        for group, backend, params in work:
+        if not self._step_counters:  # every step() counts, also a first one in which no parameter has a gradient
+            first = next((p for g in self.param_groups for p in g["params"]), None)
+            if first is not None:
+                self._counter(first.device)
+        for group, backend, params, grads in work:
             device = params[0].device
             counter = self._counter(device)
             lr = group["lr"]
             if isinstance(lr, Tensor) and lr.device != device:
                 # Asynchronous only host -> device: a device -> host copy must complete before CPU kernels read it.
                 lr = lr.to(device, non_blocking=lr.device.type == "cpu")
-            bufs = []
-            for p in params:
-                state = self.state[p]
+            states = [self.state[p] for p in params]
+            for state in states:
                 state["step"] = counter
-                bufs.append(state.get("momentum_buffer"))
-            bufs = backend.step(params, [p.grad for p in params], bufs, lr=lr, step=counter,
-                                **self._hyperparameters(group))
+            bufs = backend.step(params, grads, [state.get("momentum_buffer") for state in states], lr=lr,
+                                step=counter, **self._hyperparameters(group))
             if group["momentum"] != 0:
-                for p, buf in zip(params, bufs):
-                    self.state[p]["momentum_buffer"] = buf
+                for state, buf in zip(states, bufs):
+                    state["momentum_buffer"] = buf
         for counter in self._step_counters.values():
             counter.add_(1)
         return loss

@@ -29,7 +29,7 @@ class FormulaLARS:
                 continue
             g = p.grad
             r = 1.0
-            p_norm, g_norm = p.norm().item(), g.norm().item()
+            p_norm, g_norm = p.double().norm().item(), g.double().norm().item()  # exact enough to be the oracle
             if self.lars and p_norm > 0 and g_norm > 0:
                 r = self.tc * p_norm / (g_norm + self.wd * p_norm + self.eps)
                 if self.clip:

@@ -1,0 +1,165 @@
+"""Fused step backends (legw_fused::fused_step_) against the reference backend, the oracle of every backend."""
+
+import pytest
+import torch
+from _helpers import require_backend
+
+import legw_fused
+from legw_fused import LARS, LEGW, SGD, _ops
+
+FUSED = ["cpp"]
+# Awkward sizes: empty, one element, odd, one past 2^16 (a chunk), and a large odd one.
+SIZES = [(0,), (1,), (7,), (65537,), (278011,), (3, 5, 7)]
+# Error model against the reference: both compute in fp32 and round once per stored value, but fp32 results can
+# differ by an ulp (fma, the order of the norm reductions), which can flip a low-precision rounding, and a value
+# keeps the difference it picked up at the largest magnitude it had (LEGW peak LR 1.41 here swings values from
+# |x| ~ 4 to 0.4 in one step; momentum 0.9 grows buffers ~10x). So: a few ulps of the tensor's largest magnitude.
+# Seen: fp32 LARS buffers 2.9e-6 off at max |buf| ~ 10 (~2.4 ulps); bf16 params 0.023 off at max |p| ~ 4.5 (0.7 ulp).
+ULPS = {torch.float32: 8, torch.bfloat16: 2, torch.float16: 2}
+
+
+def assert_close_to_reference(actual, expected, dtype, msg=None):
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=ULPS[dtype] * torch.finfo(dtype).eps * scale, msg=msg)
+
+
+CONFIGS = [
+    ("sgd", dict(momentum=0.0)),
+    ("sgd", dict(momentum=0.9, weight_decay=1e-2)),
+    ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=5e-3)),
+    ("sgd", dict(momentum=0.8, dampening=0.3)),
+    ("lars", dict(momentum=0.9, weight_decay=1e-4)),
+    ("lars", dict(momentum=0.9, weight_decay=5e-4, trust_clip=True)),
+    ("lars", dict(momentum=0.9, nesterov=True, trust_clip=True)),
+    ("lars", dict(momentum=0.0, weight_decay=1e-3)),
+    ("lars-off", dict(momentum=0.9, weight_decay=1e-3, trust_clip=True)),
+]
+
+
+def make(kind, params, lr, backend, cfg):
+    if kind == "sgd":
+        return SGD(params, lr=lr, backend=backend, **cfg)
+    return LARS([{"params": params, "lars": kind == "lars"}], lr=lr, trust_coefficient=0.02, backend=backend, **cfg)
+
+
+def twin_params(dtype, seed=0, sizes=SIZES):
+    g = torch.Generator().manual_seed(seed)
+    a = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in sizes]
+    return a, [torch.nn.Parameter(p.detach().clone()) for p in a]
+
+
+def run_pair(kind, cfg, dtype, lr, backend, steps=12, sizes=SIZES):
+    a, b = twin_params(dtype, sizes=sizes)
+    fused, ref = make(kind, a, lr, backend, cfg), make(kind, b, lr, "torch", cfg)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(steps):
+        for pa, pb in zip(a, b):
+            g = (torch.randn(pa.shape, generator=gen) * 0.5).to(dtype)
+            pa.grad, pb.grad = g.clone(), g.clone()
+        fused.step()
+        ref.step()
+        for i, (pa, pb) in enumerate(zip(a, b)):
+            where = f"step {t}, tensor {i} {tuple(pa.shape)}"
+            assert_close_to_reference(pa.detach(), pb.detach(), dtype, msg=lambda m: f"{where} param: {m}")
+            if cfg["momentum"]:
+                assert_close_to_reference(fused.state[pa]["momentum_buffer"], ref.state[pb]["momentum_buffer"],
+                                          dtype, msg=lambda m: f"{where} momentum_buffer: {m}")
+    return fused
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind,cfg", CONFIGS, ids=[f"{k}-{'-'.join(f'{a}={v}' for a, v in c.items())}"
+                                                   for k, c in CONFIGS])
+@pytest.mark.parametrize("lr", [0.05, LEGW(0.5, 32, 256, 0.125, 4, 3)], ids=["float-lr", "legw-lr"])
+def test_matches_reference(backend, dtype, kind, cfg, lr):
+    require_backend(backend)
+    fused = run_pair(kind, cfg, dtype, lr, backend)
+    assert int(fused.state[fused.param_groups[0]["params"][0]]["step"]) == 12
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_many_tensors_in_one_call(backend):
+    require_backend(backend)
+    sizes = [(i % 13 + 1, 3) for i in range(400)] + [(0,), (70000,)]
+    run_pair("lars", dict(momentum=0.9, weight_decay=1e-4, trust_clip=True), torch.float32, 0.1, backend,
+             steps=3, sizes=sizes)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_bitwise_repeatable_whatever_the_thread_count(backend):
+    require_backend(backend)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 1):
+            torch.set_num_threads(n_threads)
+            a, _ = twin_params(torch.float32, sizes=[(300000,), (65537,), (5,)])
+            opt = LARS(a, lr=LEGW(0.5, 32, 256, 0.125, 4, 3), momentum=0.9, weight_decay=1e-4, trust_clip=True,
+                       backend=backend)
+            gen = torch.Generator().manual_seed(2)
+            for _ in range(5):
+                for p in a:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt.step()
+            results.append([p.detach().clone() for p in a])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for x, y in zip(results[0], other):
+            assert torch.equal(x, y)
+
+
+def _op_args(n=3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(7 * (i + 1), generator=g).to(dtype) for i in range(n)]
+    grads = [torch.randn(p.shape, generator=g).to(dtype) for p in params]
+    bufs = [torch.randn(p.shape, generator=g).to(dtype) for p in params]
+    sched = LEGW(0.5, 32, 256, 0.125, 4, 3)
+    return (params, grads, bufs, [], torch.tensor(5), sched.packed("cpu"), None, 0.0, 0.9, 0.0, 1e-4, False, False,
+            True, 0.02, 1e-8, True, None, None)
+
+
+@pytest.mark.skipif(_ops.EXTENSION_ERROR is not None, reason=str(_ops.EXTENSION_ERROR))
+def test_opcheck():
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(torch.ops.legw_fused.fused_step_.default, _op_args(dtype=dtype))
+
+
+@pytest.mark.skipif(_ops.EXTENSION_ERROR is not None, reason=str(_ops.EXTENSION_ERROR))
+def test_op_rejects_inconsistent_arguments():
+    op = torch.ops.legw_fused.fused_step_
+    args = list(_op_args())
+    bad = list(args)
+    bad[1] = args[1][:2]
+    with pytest.raises(RuntimeError, match="3 params but 2 grads"):
+        op(*bad)
+    bad = list(args)
+    bad[1] = [args[1][0].double()] + args[1][1:]
+    with pytest.raises(RuntimeError, match="grad 0 must be a contiguous Float tensor of 7 elements"):
+        op(*bad)
+    bad = list(args)
+    bad[0] = [torch.randn(7, 2).t()] + args[0][1:]
+    with pytest.raises(RuntimeError, match="param 0 is not contiguous"):
+        op(*bad)
+    bad = list(args)
+    bad[2] = []
+    with pytest.raises(RuntimeError, match="momentum_buffers must hold one tensor per param"):
+        op(*bad)
+    bad = list(args)
+    bad[4] = torch.tensor(5.0)
+    with pytest.raises(RuntimeError, match="step must be a one-element int64"):
+        op(*bad)
+
+
+def test_auto_uses_a_fused_backend_on_cpu_and_the_reference_for_what_it_cannot():
+    info = legw_fused.backend_info()
+    if not info["cpp"]["available"]:
+        pytest.skip(f"cpp backend unavailable: {info['cpp']['reason']}")
+    assert info["auto"]["cpu"] == "cpp"
+    select = legw_fused.backends.select_backend
+    assert select("auto", torch.device("cpu"), torch.float32).name == "cpp"
+    assert select("auto", torch.device("cpu"), torch.float64).name == "torch"
+    assert select("auto", torch.device("cpu"), torch.float32, contiguous=False).name == "torch"
+    with pytest.raises(RuntimeError, match="supports float32, bfloat16, float16 params, not torch.float64"):
+        SGD([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))], lr=0.1, backend="cpp")

@@ -102,22 +102,25 @@ def _with_sched(opt):
     return step
 
 
-def timer(device: torch.device, warmup: int, reps: int):
-    if device.type == "cuda":
-        import triton.testing
+def cuda_median_ms(fn, warmup: int, reps: int) -> float:
+    import triton.testing
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=warmup * 10, rep=reps * 10, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=warmup * 10, rep=reps * 10, return_mode="median")
 
-    def cpu_median_ms(fn):
+
+def cpu_medians_ms(fns: list, warmup: int, reps: int) -> list[float]:
+    """Median wall time of each callable, measured round-robin: on a shared 2-core machine the speed drifts by
+    tens of percent over minutes, and interleaving makes every provider see the same drift."""
+    for fn in fns:
         for _ in range(warmup):
             fn()
-        times = []
-        for _ in range(reps):
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, times):
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
-    return cpu_median_ms
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) * 1e3 for ts in times]
 
 
 def launches_per_step(fn, device: torch.device) -> int | None:
@@ -137,21 +140,28 @@ def launches_per_step(fn, device: torch.device) -> int | None:
 def run_set(set_name: str, device: torch.device, warmup: int, reps: int) -> list[dict]:
     shape_list = shape_sets.SETS[set_name]()
     n = shape_sets.numel(shape_list)
-    measure = timer(device, warmup, reps)
-    rows = []
     x, y = torch.randn(n, device=device), torch.randn(n, device=device)
-    for kind, fn in (("copy", lambda: x.copy_(y)), ("add", lambda: x.add_(y))):
-        ms = measure(fn)
-        rows.append({"set": set_name, "provider": f"one {kind}_ pass (flat)", "kind": kind, "numel": n, "ms": ms})
-    del x, y
-    for name, kind, factory in providers(device):
-        params = make_params(shape_list, device)
-        fn = factory(params)
-        ms = measure(fn)
-        rows.append({"set": set_name, "provider": name, "kind": kind, "numel": n, "ms": ms,
-                     "launches": launches_per_step(fn, device)})
-        del params, fn
-        gc.collect()
+    entries = [(f"one {kind}_ pass (flat)", kind, fn) for kind, fn in (("copy", lambda: x.copy_(y)),
+                                                                      ("add", lambda: x.add_(y)))]
+    rows = []
+    if device.type == "cuda":
+        # GPU timings are stable: one provider at a time, so that only one parameter set occupies memory.
+        for name, kind, fn in entries:
+            rows.append({"set": set_name, "provider": name, "kind": kind, "numel": n,
+                         "ms": cuda_median_ms(fn, warmup, reps)})
+        del x, y, entries
+        for name, kind, factory in providers(device):
+            params = make_params(shape_list, device)
+            fn = factory(params)
+            rows.append({"set": set_name, "provider": name, "kind": kind, "numel": n,
+                         "ms": cuda_median_ms(fn, warmup, reps), "launches": launches_per_step(fn, device)})
+            del params, fn
+            gc.collect()
+            torch.cuda.empty_cache()
+    else:
+        entries += [(name, kind, factory(make_params(shape_list, device))) for name, kind, factory in providers(device)]
+        for (name, kind, _), ms in zip(entries, cpu_medians_ms([fn for _, _, fn in entries], warmup, reps)):
+            rows.append({"set": set_name, "provider": name, "kind": kind, "numel": n, "ms": ms})
     bw = {r["kind"]: MIN_BYTES[r["kind"]] * n / (r["ms"] * 1e-3) / 1e9 for r in rows if r["kind"] in ("copy", "add")}
     base = {}
     for r in rows:

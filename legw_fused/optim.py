@@ -31,6 +31,9 @@ class _MomentumOptimizer(Optimizer):
 
     _nonnegative = ("momentum", "dampening", "weight_decay")
     _flags = ("nesterov",)
+    # torch.amp.GradScaler.step() then sets self.grad_scale (None if already unscaled) and self.found_inf and calls
+    # step() every time: fused backends unscale while reading the grads and skip on the device when found_inf != 0.
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict, backend: str):
         self.backend = check_backend_name(backend)
@@ -132,6 +135,13 @@ class _MomentumOptimizer(Optimizer):
                 contiguous = all(p.is_contiguous() for p in params)
                 work.append((group, select_backend(self.backend, device, dtype, contiguous), params, grads))
 
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and any(self._needs_host_inf_check(group, backend, params)
+                                         for group, backend, params, _ in work):
+            if found_inf.item() != 0:  # one host read, only where a backend cannot skip on the device
+                return loss
+            found_inf = None
+
         # Phase 2: update, one backend call per (group, device, dtype) bucket.
         if not self._step_counters:  # every step() counts, also a first one in which no parameter has a gradient
             first = next((p for g in self.param_groups for p in g["params"]), None)
@@ -148,13 +158,25 @@ class _MomentumOptimizer(Optimizer):
             for state in states:
                 state["step"] = counter
             bufs = backend.step(params, grads, [state.get("momentum_buffer") for state in states], lr=lr,
-                                step=counter, **self._hyperparameters(group))
+                                step=counter, grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
+                                **self._hyperparameters(group))
             if group["momentum"] != 0:
                 for state, buf in zip(states, bufs):
-                    state["momentum_buffer"] = buf
-        for counter in self._step_counters.values():
-            counter.add_(1)
+                    if buf is not None:
+                        state["momentum_buffer"] = buf
+        for device, counter in self._step_counters.items():
+            # A step skipped for inf/NaN gradients does not advance the schedule.
+            counter.add_(1 if found_inf is None else (_on(found_inf, device) == 0).to(torch.int64))
         return loss
+
+    def _needs_host_inf_check(self, group: dict, backend, params: list[Tensor]) -> bool:
+        """Whether a skipped step must be known on the host: the reference backend cannot skip on the device, and a
+        momentum buffer started under dampening != 0 would be wrong if its first update were skipped (a zero
+        buffer continued with m*0 + (1-dampening)*d is not torch's buf = d)."""
+        if backend.name == "torch":
+            return True
+        return group["momentum"] != 0 and group["dampening"] != 0 and \
+            any("momentum_buffer" not in self.state.get(p, ()) for p in params)
 
     def current_lrs(self) -> list:
         """The LR the next step will use, per param group: a float, or a device tensor for LEGW (no host sync)."""
@@ -243,6 +265,10 @@ class _MomentumOptimizer(Optimizer):
             self.backend = state.get("backend", "auto")
             t = max((int(s["step"]) for s in self.state.values() if s.get("step") is not None), default=0)
             self._link_step_counters(t)
+
+
+def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
+    return t if t is None or t.device == device else t.to(device, non_blocking=True)
 
 
 def _checked_step(name: str, key, step) -> int:

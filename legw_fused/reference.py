@@ -74,24 +74,35 @@ def _update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None
 
 def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], *, lr, step: Tensor,
           momentum: float, dampening: float, weight_decay: float, nesterov: bool, lars: bool = False,
-          trust_coefficient: float = 0.0, eps: float = 0.0, trust_clip: bool = False) -> list[Tensor | None]:
+          trust_coefficient: float = 0.0, eps: float = 0.0, trust_clip: bool = False, grad_scale: Tensor | None = None,
+          found_inf: Tensor | None = None) -> list[Tensor | None]:
     """Update ``params`` (and the momentum buffers) in place; return the buffers, new ones made on first use.
 
     ``step`` is the device int64 step count (steps already taken); it is read only when ``lr`` is a LEGW schedule.
-    bf16/fp16 tensors are computed in fp32 and rounded once when written back.
+    bf16/fp16 tensors are computed in fp32 and rounded once when written back. Grads are multiplied by
+    1/grad_scale (GradScaler's unscale, into new tensors). This backend cannot skip on the device: the optimizer
+    reads found_inf on the host and calls it only for finite steps.
     """
+    if found_inf is not None:
+        raise AssertionError("the reference backend is only called for steps known to be finite")
     if not params:
         return bufs
     if isinstance(lr, LEGW):
         lr = lr.lr_tensor(step)
     hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
               lars=lars, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip)
-    if params[0].dtype not in (torch.float16, torch.bfloat16):  # fp32 and fp64 run in their own precision
+    low_precision = params[0].dtype in (torch.float16, torch.bfloat16)
+    if low_precision:
+        grads = [g.float() for g in grads]
+    if grad_scale is not None:
+        # GradScaler.unscale_'s arithmetic, in fp32 or wider: g * fp32(1 / double(scale)).
+        grads = torch._foreach_mul(grads, grad_scale.double().reciprocal().float())
+    if not low_precision:  # fp32 and fp64 run in their own precision
         return _update_(params, grads, bufs, **hp)
 
     p32 = [p.float() for p in params]
     b32 = [None if b is None else b.float() for b in bufs]
-    b32 = _update_(p32, [g.float() for g in grads], b32, **hp)
+    b32 = _update_(p32, grads, b32, **hp)
     torch._foreach_copy_(params, p32)
     out: list[Tensor | None] = []
     for b, new in zip(bufs, b32):

@@ -14,10 +14,11 @@ from legw_fused import LARS, LEGW, SGD
 SCHED = LEGW(0.1, 32, 128, 0.5, 10, 4)
 
 
-def make_opt(kind, params, lr):
+def make_opt(kind, params, lr, backend="auto"):
     if kind == "sgd":
-        return SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-3)
-    return LARS(params, lr=lr, momentum=0.9, weight_decay=1e-3, trust_clip=True, trust_coefficient=0.02)
+        return SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-3, backend=backend)
+    return LARS(params, lr=lr, momentum=0.9, weight_decay=1e-3, trust_clip=True, trust_coefficient=0.02,
+                backend=backend)
 
 
 def steps(opts_and_params, n, gen):
@@ -111,10 +112,10 @@ def test_state_dict_with_mismatching_shapes_is_rejected_and_nothing_changes():
 # ---------------------------------------------------------------------------------------------- GradScaler
 
 @pytest.mark.parametrize("kind", ["sgd", "lars"])
-def test_grad_scaler_skips_inf_steps_without_touching_anything(kind):
+def test_grad_scaler_skips_inf_steps_without_touching_anything(kind, backend):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
-    opt = make_opt(kind, model.parameters(), SCHED)
+    opt = make_opt(kind, model.parameters(), SCHED, backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     x = torch.randn(16, 6)
 
@@ -140,7 +141,7 @@ def test_grad_scaler_skips_inf_steps_without_touching_anything(kind):
     backward()
     scaler.unscale_(opt)
     expected = {p: p.detach().clone() for p in model.parameters()}
-    shadow = make_opt(kind, [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()], SCHED)
+    shadow = make_opt(kind, [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()], SCHED, backend)
     shadow.load_state_dict(save_load(opt.state_dict()))
     for ps, p in zip(shadow.param_groups[0]["params"], model.parameters()):
         ps.grad = p.grad.clone()
@@ -150,6 +151,44 @@ def test_grad_scaler_skips_inf_steps_without_touching_anything(kind):
         assert not torch.equal(p.detach(), expected[p])
         torch.testing.assert_close(p.detach(), ps.detach(), rtol=0, atol=0)
     assert int(opt.state[model[0].weight]["step"]) == 4
+
+
+def _scaled_training(opt, model, scaler, inf_at, clip=None, steps=8):
+    """Steps of GradScaler training on a fixed batch; an inf is put into one gradient at the steps in inf_at."""
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    for t in range(steps):
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).mean()).backward()
+        if t in inf_at:
+            model[0].weight.grad[1, 2] = math.inf
+        if clip is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(opt)
+        scaler.update()
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["scaled", "unscale-and-clip"])
+def test_grad_scaler_training_matches_torch_sgd(backend, dampening, clip):
+    """The fused path (grads unscaled as read, skips decided on the device) against torch.optim.SGD driven by the
+    same GradScaler, including a skipped first step, where momentum buffers must not start."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)))
+    ours = SGD(models[0].parameters(), lr=0.05, momentum=0.9, dampening=dampening, weight_decay=1e-3,
+               backend=backend)
+    theirs = torch.optim.SGD(models[1].parameters(), lr=0.05, momentum=0.9, dampening=dampening, weight_decay=1e-3)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2) for _ in range(2)]
+    for opt, model, scaler in zip((ours, theirs), models, scalers):
+        _scaled_training(opt, model, scaler, inf_at={0, 3}, clip=clip)
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    assert int(ours.state[models[0][0].weight]["step"]) == 6  # 8 steps, 2 skipped
+    for pa, pb in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(pa, pb, **(EXACT if backend == "torch" else FUSED_TOL))
+        torch.testing.assert_close(ours.state[pa]["momentum_buffer"], theirs.state[pb]["momentum_buffer"],
+                                   **(EXACT if backend == "torch" else FUSED_TOL))
 
 
 def test_non_finite_grads_without_scaler_behave_like_torch(backend):

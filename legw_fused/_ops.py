@@ -10,8 +10,6 @@ import importlib
 
 import torch
 
-from .schedule import LEGW
-
 try:
     # Importing the shared library registers the legw_fused:: ops with the dispatcher.
     _C = importlib.import_module("legw_fused._C")
@@ -52,20 +50,8 @@ def legw_lr(step: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
     return torch.ops.legw_fused.legw_lr(step, schedule)
 
 
-def fused_step_(params, grads, momentum_buffers, step, *, lr, first_step, momentum, dampening, weight_decay,
-                nesterov, lars, trust_coefficient, eps, trust_clip, grad_scale=None, found_inf=None,
-                master_params=()) -> None:
-    """One fused SGD/LARS step over same-device, same-dtype tensor lists (see csrc/legw_fused.cpp).
-
-    ``lr`` is a float, a one-element tensor on the device, or a LEGW schedule, which the kernel evaluates at the
-    device step count ``step``.
-    """
+def fused_step_(*args) -> None:
+    """legw_fused::fused_step_ (C++ CPU / CUDA kernels); arguments as in its schema (csrc/legw_fused.cpp)."""
     if _C is None:
         raise RuntimeError(EXTENSION_ERROR)
-    schedule = lr.packed(step.device) if isinstance(lr, LEGW) else None
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    lr_value = float(lr) if schedule is None and lr_tensor is None else 0.0
-    torch.ops.legw_fused.fused_step_(params, grads, momentum_buffers, list(master_params), step, schedule, lr_tensor,
-                                     lr_value, float(momentum), float(dampening), float(weight_decay), nesterov,
-                                     first_step, lars, float(trust_coefficient), float(eps), trust_clip, grad_scale,
-                                     found_inf)
+    torch.ops.legw_fused.fused_step_(*args)

@@ -8,12 +8,15 @@ silently.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from . import _ops, reference
+from .schedule import LEGW
 
 __all__ = ["Backend", "BACKENDS", "AUTO_ORDER", "backend_info", "select_backend", "check_backend_name"]
 
@@ -21,37 +24,49 @@ _STEP_PENDING = "this fused optimizer-step kernel is not implemented yet (issue:
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _fused_op_step(params, grads, bufs, *, lr, step, momentum, dampening, weight_decay, nesterov, lars=False,
-                   trust_coefficient=0.0, eps=0.0, trust_clip=False, grad_scale=None, found_inf=None):
-    """reference.step_'s calling convention on top of the fused op legw_fused::fused_step_.
+def _fused_step(op, params, grads, bufs, *, lr, step, momentum, dampening, weight_decay, nesterov, lars=False,
+                trust_coefficient=0.0, eps=0.0, trust_clip=False, grad_scale=None, found_inf=None):
+    """reference.step_'s calling convention on top of a fused_step_ implementation ``op`` (the C++ op or the
+    Triton launcher, same arguments).
 
     New momentum buffers are allocated here and filled by the kernel (buf = d). Under a GradScaler the step may be
     skipped on the device, so a new buffer must also be right if it is never written: zeros are, when dampening is
-    0 (the next step computes m*0 + d = d); otherwise the caller reads found_inf on the host first (optim.py).
+    0 (the next step computes m*0 + d = d); otherwise the optimizer reads found_inf on the host first.
     """
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-              lars=lars, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip,
-              grad_scale=grad_scale, found_inf=found_inf)
+    schedule = lr.packed(step.device) if isinstance(lr, LEGW) else None
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    lr_value = float(lr) if schedule is None and lr_tensor is None else 0.0
+
+    def launch(ps, gs, bs, first_step):
+        op(ps, gs, bs, [], step, schedule, lr_tensor, lr_value, float(momentum), float(dampening),
+           float(weight_decay), nesterov, first_step, lars, float(trust_coefficient), float(eps), trust_clip,
+           grad_scale, found_inf)
+
     if momentum == 0:
-        _ops.fused_step_(params, grads, [], step, first_step=False, **hp)
+        launch(params, grads, [], False)
         return bufs
     new = [i for i, b in enumerate(bufs) if b is None]
     if not new:
-        _ops.fused_step_(params, grads, bufs, step, first_step=False, **hp)
+        launch(params, grads, bufs, False)
         return bufs
     zero_init = found_inf is not None
     bufs = [(torch.zeros_like(p) if zero_init else torch.empty_like(p)) if b is None else b
             for p, b in zip(params, bufs)]
     if zero_init or len(new) == len(params):
-        _ops.fused_step_(params, grads, bufs, step, first_step=not zero_init, **hp)
+        launch(params, grads, bufs, not zero_init)
         return bufs
     # Some tensors start their momentum now, others continue it: one call for each kind.
     old = sorted(set(range(len(params))) - set(new))
     for idx, first in ((new, True), (old, False)):
-        _ops.fused_step_([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx], step,
-                         first_step=first, **hp)
+        launch([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx], first)
     return bufs
+
+
+def _triton_step(*args, **kwargs):
+    from legw_fused.kernels import fused_step  # imported on first use: triton's import is slow
+
+    return _fused_step(fused_step.fused_step_, *args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,16 @@ class Backend:
         return reason
 
 
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_reason() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
 @functools.cache  # what was built does not change while the process runs; step() asks on every call
 def _cpp_reason() -> str | None:
     return _ops.EXTENSION_ERROR or (None if _ops.has_kernel("fused_step_", "CPU") else
@@ -94,12 +119,14 @@ def _cuda_reason() -> str | None:
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", None, None, reference.step_, "pure-PyTorch reference over torch._foreach_* ops",
                      lambda: None),
-    "cpp": Backend("cpp", ("cpu",), FUSED_DTYPES, _fused_op_step, "fused C++ CPU kernel (legw_fused._C)",
-                   _cpp_reason),
-    "cuda": Backend("cuda", ("cuda",), FUSED_DTYPES, _fused_op_step,
+    "cpp": Backend("cpp", ("cpu",), FUSED_DTYPES, functools.partial(_fused_step, _ops.fused_step_),
+                   "fused C++ CPU kernel (legw_fused._C)", _cpp_reason),
+    "cuda": Backend("cuda", ("cuda",), FUSED_DTYPES, functools.partial(_fused_step, _ops.fused_step_),
                     "fused multi-tensor CUDA kernel (legw_fused._C)", _cuda_reason),
-    "triton": Backend("triton", ("cuda",), FUSED_DTYPES, _fused_op_step, "fused multi-tensor Triton kernel",
-                      lambda: _STEP_PENDING),
+    # On CPU tensors only under TRITON_INTERPRET=1 (how it is tested without a GPU).
+    "triton": Backend("triton", ("cuda", "cpu") if _TRITON_INTERPRET else ("cuda",), FUSED_DTYPES, _triton_step,
+                      "fused multi-tensor Triton kernel" + (" (interpreted: TRITON_INTERPRET=1)"
+                                                            if _TRITON_INTERPRET else ""), _triton_reason),
 }
 
 # Fastest first; "torch" closes every list so that auto always finds a backend.

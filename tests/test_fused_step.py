@@ -7,7 +7,7 @@ from _helpers import require_backend
 import legw_fused
 from legw_fused import LARS, LEGW, SGD, _ops
 
-FUSED = ["cpp"]
+FUSED = ["cpp", "triton"]
 # Awkward sizes: empty, one element, odd, one past 2^16 (a chunk), and a large odd one.
 SIZES = [(0,), (1,), (7,), (65537,), (278011,), (3, 5, 7)]
 # Error model against the reference: both compute in fp32 and round once per stored value, but fp32 results can
@@ -67,20 +67,42 @@ def run_pair(kind, cfg, dtype, lr, backend, steps=12, sizes=SIZES):
     return fused
 
 
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("kind,cfg", CONFIGS, ids=[f"{k}-{'-'.join(f'{a}={v}' for a, v in c.items())}"
-                                                   for k, c in CONFIGS])
-@pytest.mark.parametrize("lr", [0.05, LEGW(0.5, 32, 256, 0.125, 4, 3)], ids=["float-lr", "legw-lr"])
-def test_matches_reference(backend, dtype, kind, cfg, lr):
+LRS = {"float-lr": 0.05, "legw-lr": LEGW(0.5, 32, 256, 0.125, 4, 3)}
+
+
+def reference_cases():
+    """Every config x dtype x LR kind for cpp. Triton on CPU runs in the interpreter (seconds per step at these
+    sizes): every config in fp32 with both LR kinds, low precision on a subset; the 278011-element tensor has its
+    own Triton case below."""
+    for kind, cfg in CONFIGS:
+        cid = f"{kind}-{'-'.join(f'{a}={v}' for a, v in cfg.items())}"
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for lr_id in LRS:
+                yield pytest.param("cpp", dtype, kind, cfg, lr_id, SIZES, id=f"cpp-{dtype}-{cid}-{lr_id}")
+                if dtype == torch.float32 or (lr_id == "legw-lr" and kind in ("sgd", "lars")
+                                               and cfg.get("nesterov") and cfg.get("weight_decay")):
+                    yield pytest.param("triton", dtype, kind, cfg, lr_id, SIZES[:4] + SIZES[5:],
+                                       id=f"triton-{dtype}-{cid}-{lr_id}")
+
+
+@pytest.mark.parametrize("backend,dtype,kind,cfg,lr_id,sizes", list(reference_cases()))
+def test_matches_reference(backend, dtype, kind, cfg, lr_id, sizes):
     require_backend(backend)
-    fused = run_pair(kind, cfg, dtype, lr, backend)
-    assert int(fused.state[fused.param_groups[0]["params"][0]]["step"]) == 12
+    fused = run_pair(kind, cfg, dtype, LRS[lr_id], backend, steps=10, sizes=sizes)
+    assert int(fused.state[fused.param_groups[0]["params"][0]]["step"]) == 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_large_odd_tensor(dtype):
+    require_backend("triton")
+    run_pair("lars", dict(momentum=0.9, weight_decay=5e-4, trust_clip=True), dtype, LRS["legw-lr"], "triton",
+             steps=10, sizes=[(278011,), (5,)])
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_many_tensors_in_one_call(backend):
     require_backend(backend)
+    # More tensors than one CUDA launch's kernel-argument metadata holds, and one spanning several chunks.
     sizes = [(i % 13 + 1, 3) for i in range(400)] + [(0,), (70000,)]
     run_pair("lars", dict(momentum=0.9, weight_decay=1e-4, trust_clip=True), torch.float32, 0.1, backend,
              steps=3, sizes=sizes)

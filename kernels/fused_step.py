@@ -1,0 +1,287 @@
+"""Triton fused SGD/LARS step over lists of tensors: the "triton" backend.
+
+Legend: N tensors in one call, C chunks (CHUNK consecutive elements of one tensor; one program each).
+
+One call = one update launch (SGD), or three for LARS: per-chunk sums of squares -> per-tensor trust ratios (chunk
+partials summed in chunk order: bitwise repeatable) -> update. The LR is evaluated inside the kernels from the
+device step count and the packed LEGW schedule (or read from a device tensor), so a step never reads back to the
+host. The same math as csrc/fused_step.h and legw_fused/reference.py.
+
+Tensor lists travel as int64 tables of data pointers, built once per distinct set of tensors and cached: the
+steady state (same parameters, same gradient buffers) launches with no host-to-device copy, which also keeps the
+launches capturable in a CUDA graph after one warm-up step. On CPU tensors the kernels run under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Elements per program (enough work per program, few programs for a 25M-parameter model) and per loop iteration.
+# The interpreter pays per operation, not per element: larger blocks, still several chunks and iterations per tensor.
+CHUNK, BLOCK = (16384, 4096) if INTERPRETED else (65536, 1024)
+
+_TL_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+LR_FLOAT, LR_TENSOR, LR_SCHEDULE = 0, 1, 2
+
+
+@triton.jit
+def _bf16_rne(x):
+    # fp32 -> bf16 rounding to nearest even, NaN kept. GPUs do this natively; Triton's interpreter (3.8) truncates
+    # instead, so the kernels spell it out and the code tested on CPU is the code that runs on the GPU.
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _cast(x, DTYPE: tl.constexpr):
+    if DTYPE == tl.bfloat16:
+        y = _bf16_rne(x)
+    else:
+        y = x.to(DTYPE)
+    return y
+
+
+@triton.jit
+def _pow(x, y):
+    # x ** y for x >= 0 in fp64 (0 ** y = 0 for y > 0, as the schedule needs at its end).
+    return tl.where(x > 0, tl.exp2(y * tl.log2(tl.maximum(x, 1e-300))), tl.where(y == 0, 1.0, 0.0))
+
+
+@triton.jit
+def _legw_lr(step, sched_ptr, sched_len):
+    """LEGW.lr(step) from the packed schedule (layout: legw_fused.schedule.PACKED_SLOTS), in fp64."""
+    t = step.to(tl.float64)
+    decay = tl.load(sched_ptr + 0)
+    peak = tl.load(sched_ptr + 1)
+    end = tl.load(sched_ptr + 2)
+    W = tl.load(sched_ptr + 3)
+    T = tl.load(sched_ptr + 4)
+    steps_per_epoch = tl.load(sched_ptr + 5)
+    power = tl.load(sched_ptr + 6)
+    gamma = tl.load(sched_ptr + 7)
+    s = tl.where(T > W, tl.minimum((t - W) / tl.maximum(T - W, 1.0), 1.0), 1.0)
+    since = tl.maximum(t - W, 0.0)
+    # Milestones are read up to the tensor's end, whatever the header claims.
+    n_milestones = tl.minimum(tl.load(sched_ptr + 8).to(tl.int32), sched_len - 9)
+    passed = t * 0.0
+    for i in range(0, n_milestones):
+        passed += tl.where(t >= tl.load(sched_ptr + 9 + i), 1.0, 0.0)
+    after = tl.where(decay == 0, end + (peak - end) * _pow(1.0 - s, power),
+                     tl.where(decay == 1, end + (peak - end) * (1.0 + tl.cos(3.141592653589793 * s)) / 2.0,
+                              tl.where(decay == 2, peak * _pow(gamma, since / steps_per_epoch),
+                                       tl.where(decay == 3, peak * _pow(gamma, passed), peak))))
+    return tl.where(t < W, peak * (t + 1.0) / tl.maximum(W, 1.0), after)
+
+
+@triton.jit
+def _lr(step_ptr, sched_ptr, sched_len, lr_ptr, lr_value, LR_MODE: tl.constexpr):
+    if LR_MODE == 2:
+        lr = _legw_lr(tl.load(step_ptr), sched_ptr, sched_len).to(tl.float32)
+    elif LR_MODE == 1:
+        lr = tl.load(lr_ptr).to(tl.float32)
+    else:
+        lr = lr_value
+    return lr
+
+
+@triton.jit
+def _inv_scale(scale_ptr, HAS_SCALE: tl.constexpr):
+    if HAS_SCALE:
+        inv = (1.0 / tl.load(scale_ptr).to(tl.float64)).to(tl.float32)  # GradScaler.unscale_'s reciprocal
+    else:
+        inv = 1.0
+    return inv
+
+
+@triton.jit
+def _sum_squares_kernel(p_ptrs, g_ptrs, m_ptrs, numels, chunk_tensor, chunk_start, partials, scale_ptr,
+                        P_TYPE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+                        CHUNK: tl.constexpr):
+    """partials[c] = (sum p^2, sum g^2) over chunk c (g unscaled; p the fp32 master where there is one)."""
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_start + c)
+    end = tl.minimum(start + CHUNK, tl.load(numels + t))
+    inv = _inv_scale(scale_ptr, HAS_SCALE)
+    g_base = tl.load(g_ptrs + t).to(tl.pointer_type(P_TYPE))
+    if MASTER:
+        p_base = tl.load(m_ptrs + t).to(tl.pointer_type(tl.float32))
+    else:
+        p_base = tl.load(p_ptrs + t).to(tl.pointer_type(P_TYPE))
+    acc_p = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        mask = offs < end
+        p = tl.load(p_base + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32) * inv
+        acc_p += p * p
+        acc_g += g * g
+    tl.store(partials + 2 * c, tl.sum(acc_p, axis=0))
+    tl.store(partials + 2 * c + 1, tl.sum(acc_g, axis=0))
+
+
+@triton.jit
+def _trust_ratio_kernel(partials, first_chunk, ratios, step_ptr, sched_ptr, sched_len, lr_ptr, lr_value,
+                        trust_coefficient, weight_decay, eps, LR_MODE: tl.constexpr, CLIP: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """ratios[t] from the chunk partials of tensor t, added in chunk order (no atomics: repeatable)."""
+    t = tl.program_id(0)
+    c0 = tl.load(first_chunk + t)
+    c1 = tl.load(first_chunk + t + 1)
+    acc_p = tl.zeros([BLOCK_C], dtype=tl.float64)
+    acc_g = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for c in range(c0, c1, BLOCK_C):
+        idx = c + tl.arange(0, BLOCK_C)
+        mask = idx < c1
+        acc_p += tl.load(partials + 2 * idx, mask=mask, other=0.0).to(tl.float64)
+        acc_g += tl.load(partials + 2 * idx + 1, mask=mask, other=0.0).to(tl.float64)
+    p_norm = tl.sqrt(tl.sum(acc_p, axis=0)).to(tl.float32)
+    g_norm = tl.sqrt(tl.sum(acc_g, axis=0)).to(tl.float32)
+    ratio = trust_coefficient * p_norm / (g_norm + weight_decay * p_norm + eps)
+    if CLIP:
+        lr = _lr(step_ptr, sched_ptr, sched_len, lr_ptr, lr_value, LR_MODE)
+        ratio = tl.where(lr > 0, tl.minimum(ratio / tl.maximum(lr, 1e-38), 1.0), 1.0)
+    tl.store(ratios + t, tl.where((p_norm > 0) & (g_norm > 0), ratio, 1.0))
+
+
+@triton.jit
+def _fused_step_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, numels, chunk_tensor, chunk_start, ratios, step_ptr,
+                       sched_ptr, sched_len, lr_ptr, lr_value, momentum, dampening, weight_decay, scale_ptr,
+                       found_ptr, LR_MODE: tl.constexpr, P_TYPE: tl.constexpr, B_TYPE: tl.constexpr,
+                       HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
+                       MASTER: tl.constexpr, LARS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+                       BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """One chunk of the update: d = r*(g + wd*p); momentum; p -= lr*d (see csrc/fused_step.h)."""
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_start + c)
+    end = tl.minimum(start + CHUNK, tl.load(numels + t))
+    if HAS_INF:
+        end = tl.where(tl.load(found_ptr) != 0, start, end)  # GradScaler found inf/NaN: write nothing
+    lr = _lr(step_ptr, sched_ptr, sched_len, lr_ptr, lr_value, LR_MODE)
+    inv = _inv_scale(scale_ptr, HAS_SCALE)
+    r = 1.0
+    if LARS:
+        r = tl.load(ratios + t)
+    p_base = tl.load(p_ptrs + t).to(tl.pointer_type(P_TYPE))
+    g_base = tl.load(g_ptrs + t).to(tl.pointer_type(P_TYPE))
+    b_base = tl.load(b_ptrs + t).to(tl.pointer_type(B_TYPE))
+    m_base = tl.load(m_ptrs + t).to(tl.pointer_type(tl.float32))
+    for i in range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        mask = offs < end
+        g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32) * inv
+        if MASTER:
+            p = tl.load(m_base + offs, mask=mask, other=0.0)
+        else:
+            p = tl.load(p_base + offs, mask=mask, other=0.0).to(tl.float32)
+        d = (g + weight_decay * p) * r
+        if HAS_MOMENTUM:
+            if FIRST:
+                buf = d
+            else:
+                buf = tl.load(b_base + offs, mask=mask, other=0.0).to(tl.float32) * momentum + (1.0 - dampening) * d
+            tl.store(b_base + offs, _cast(buf, B_TYPE), mask=mask)
+            if NESTEROV:
+                d = d + momentum * buf
+            else:
+                d = buf
+        p = p - lr * d
+        if MASTER:
+            tl.store(m_base + offs, p, mask=mask)
+        tl.store(p_base + offs, _cast(p, P_TYPE), mask=mask)
+
+
+class _Tables:
+    """Pointer tables and the chunk map of one list of tensors, on their device."""
+
+    def __init__(self, lists, device, chunk):
+        params = lists[0]
+        numels = [p.numel() for p in params]
+        counts = [math.ceil(n / chunk) for n in numels]
+        self.n_chunks = sum(counts)
+        host = {"ptrs": torch.tensor([[t.data_ptr() if t is not None else 0 for t in lst] for lst in lists],
+                                     dtype=torch.int64).reshape(len(lists), -1),
+                "numels": torch.tensor(numels, dtype=torch.int64),
+                "chunk_tensor": torch.tensor([i for i, k in enumerate(counts) for _ in range(k)], dtype=torch.int32),
+                "chunk_start": torch.tensor([j * chunk for k in counts for j in range(k)], dtype=torch.int64),
+                "first_chunk": torch.tensor(list(itertools.accumulate(counts, initial=0)), dtype=torch.int32)}
+        pin = device.type == "cuda"
+        for name, value in host.items():
+            setattr(self, name, value.pin_memory().to(device, non_blocking=True) if pin else value)
+
+
+_TABLE_CACHE: dict[tuple, _Tables] = {}
+_TABLE_CACHE_SIZE = 16
+
+
+def _tables(lists, device, chunk) -> _Tables:
+    key = (device, chunk) + tuple((t.data_ptr(), t.numel()) if t is not None else (0, 0) for lst in lists
+                                  for t in lst)
+    tables = _TABLE_CACHE.get(key)
+    if tables is None:
+        if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
+        tables = _TABLE_CACHE[key] = _Tables(lists, device, chunk)
+    return tables
+
+
+def fused_step_(params, grads, momentum_buffers, master_params, step, schedule, lr_tensor, lr, momentum, dampening,
+                weight_decay, nesterov, first_step, lars, trust_coefficient, eps, trust_clip, grad_scale, found_inf,
+                *, chunk: int = CHUNK, block: int = BLOCK) -> None:
+    """The triton implementation of legw_fused::fused_step_ (same arguments and semantics, csrc/legw_fused.cpp)."""
+    n = len(params)
+    if n == 0:
+        return
+    if len(grads) != n or len(momentum_buffers) not in (0, n) or len(master_params) not in (0, n):
+        raise ValueError(f"fused_step_ (triton): list lengths differ: {n} params, {len(grads)} grads, "
+                         f"{len(momentum_buffers)} buffers, {len(master_params)} masters")
+    if (momentum != 0) != bool(momentum_buffers):
+        raise ValueError("fused_step_ (triton): momentum_buffers must hold one per param iff momentum != 0")
+    dtype, device = params[0].dtype, params[0].device
+    if dtype not in _TL_TYPES:
+        raise ValueError(f"fused_step_ (triton): params must be float32, bfloat16 or float16, got {dtype}")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if p.dtype != dtype or g.dtype != dtype or p.device != device or g.device != device \
+                or g.numel() != p.numel() or not (p.is_contiguous() and g.is_contiguous()):
+            raise ValueError(f"fused_step_ (triton): param/grad {i} must be contiguous {dtype} on {device} "
+                             f"with {p.numel()} elements")
+    master = bool(master_params)
+    bufs = list(momentum_buffers) or [None] * n
+    masters = list(master_params) or [None] * n
+    tables = _tables([params, grads, bufs, masters], device, chunk)
+    if tables.n_chunks == 0:
+        return
+    lr_mode = LR_SCHEDULE if schedule is not None else LR_TENSOR if lr_tensor is not None else LR_FLOAT
+    dummy = tables.numels  # any device tensor stands in for an absent optional pointer
+    sched = schedule if schedule is not None else dummy
+    lr_args = (step, sched, sched.numel(), lr_tensor if lr_tensor is not None else dummy, float(lr))
+    scale = grad_scale if grad_scale is not None else dummy
+    ratios = torch.ones(n, dtype=torch.float32, device=device)
+    ptrs = tables.ptrs
+    p_type = _TL_TYPES[dtype]
+    b_type = tl.float32 if master else p_type
+    if lars:
+        partials = torch.empty(2 * tables.n_chunks, dtype=torch.float32, device=device)
+        _sum_squares_kernel[(tables.n_chunks,)](ptrs[0], ptrs[1], ptrs[3], tables.numels, tables.chunk_tensor,
+                                                tables.chunk_start, partials, scale, P_TYPE=p_type, MASTER=master,
+                                                HAS_SCALE=grad_scale is not None, BLOCK=block, CHUNK=chunk)
+        _trust_ratio_kernel[(n,)](partials, tables.first_chunk, ratios, *lr_args, float(trust_coefficient),
+                                  float(weight_decay), float(eps), LR_MODE=lr_mode, CLIP=bool(trust_clip),
+                                  BLOCK_C=128)
+    _fused_step_kernel[(tables.n_chunks,)](
+        ptrs[0], ptrs[1], ptrs[2], ptrs[3], tables.numels, tables.chunk_tensor, tables.chunk_start, ratios,
+        *lr_args, float(momentum), float(dampening), float(weight_decay), scale,
+        found_inf if found_inf is not None else dummy, LR_MODE=lr_mode, P_TYPE=p_type, B_TYPE=b_type,
+        HAS_MOMENTUM=momentum != 0, FIRST=bool(first_step), NESTEROV=bool(nesterov), MASTER=master,
+        LARS=bool(lars), HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, BLOCK=block, CHUNK=chunk)

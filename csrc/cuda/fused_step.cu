@@ -1,0 +1,342 @@
+// CUDA implementation of legw_fused::fused_step_: multi-tensor SGD/LARS launches.
+//
+// Legend: N tensors per call; a chunk is kChunk consecutive elements of one tensor; one block per chunk.
+// Tensor addresses and the block -> (tensor, chunk) map travel as kernel arguments (__grid_constant__, up to
+// 32 KB on CUDA >= 12.1 and sm_70+): kMaxTensors tensors and kMaxBlocks chunks per launch, so a 25M-parameter
+// model (161 tensors, 400 chunks) is one launch. Indexing is 64-bit: tensors over 2^31 elements work.
+// Vector path: 16-byte loads/stores when every pointer of the tensor is aligned (chunk starts are multiples of
+// kChunk); otherwise, and for the tail, one element per thread.
+// The LR is computed by thread 0 of each block from the device step count (no host sync). LARS: per-chunk sums of
+// squares -> per-tensor ratios summed in chunk order by one block per tensor (fixed order: bitwise repeatable) ->
+// update. With found_inf != 0 every kernel returns before writing.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../fused_step.h"
+#include "../fused_step_args.h"
+
+namespace legw_fused {
+namespace {
+
+constexpr int64_t kChunk = 65536;
+constexpr int kThreads = 512;
+constexpr int kMaxTensors = 256;
+constexpr int kMaxBlocks = 1280;
+
+struct TensorMeta {  // 5*8*256 + 4*256 + 2*1280 + 4*1280 = 18.4 KB
+  void* p[kMaxTensors];
+  const void* g[kMaxTensors];
+  void* buf[kMaxTensors];
+  float* master[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int32_t index[kMaxTensors];  // position of the tensor in the whole call (for the LARS ratios)
+  int16_t block_tensor[kMaxBlocks];
+  int32_t block_chunk[kMaxBlocks];
+  int32_t block_global_chunk[kMaxBlocks];  // chunk position in the whole call (for the LARS partials)
+};
+
+struct Scalars {
+  const int64_t* step;
+  const double* schedule;  // null: lr from lr_tensor or lr
+  int64_t schedule_len;
+  const float* lr_tensor;
+  float lr;
+  StepConfig cfg;
+  const float* grad_scale;  // null: no unscaling
+  const float* found_inf;   // null: never skip
+  const float* ratios;      // LARS trust ratio per tensor of the call, null without LARS
+};
+
+__device__ __forceinline__ bool skipped(const Scalars& s) { return s.found_inf != nullptr && *s.found_inf != 0.f; }
+
+__device__ __forceinline__ float resolve_lr(const Scalars& s) {
+  if (s.schedule != nullptr) return static_cast<float>(legw_lr(static_cast<double>(*s.step), s.schedule,
+                                                               s.schedule_len));
+  return s.lr_tensor != nullptr ? *s.lr_tensor : s.lr;
+}
+
+__device__ __forceinline__ float inv_scale(const Scalars& s) {
+  return s.grad_scale != nullptr ? static_cast<float>(1.0 / static_cast<double>(*s.grad_scale)) : 1.f;
+}
+
+template <typename T>
+__device__ __forceinline__ bool aligned16(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename P, typename B, bool kMomentum, bool kMaster>
+__device__ __forceinline__ void update_one(P* p, const P* g, B* buf, float* master, int64_t i, float lr, float r,
+                                           float inv, const StepConfig& c) {
+  float pv = kMaster ? master[i] : static_cast<float>(p[i]);
+  float bv = (kMomentum && !c.first_step) ? static_cast<float>(buf[i]) : 0.f;
+  update_element(pv, static_cast<float>(g[i]) * inv, bv, lr, r, c);
+  if (kMaster) master[i] = pv;
+  p[i] = static_cast<P>(pv);
+  if (kMomentum) buf[i] = static_cast<B>(bv);
+}
+
+template <typename P, typename B, bool kMomentum, bool kMaster>
+__global__ void __launch_bounds__(kThreads)
+    update_kernel(const __grid_constant__ TensorMeta meta, const __grid_constant__ Scalars s) {
+  if (skipped(s)) return;
+  __shared__ float lr_shared;
+  if (threadIdx.x == 0) lr_shared = resolve_lr(s);
+  __syncthreads();
+  const float lr = lr_shared;
+  const int t = meta.block_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
+  const int64_t end = begin + kChunk < meta.numel[t] ? begin + kChunk : meta.numel[t];
+  const float r = s.ratios != nullptr ? s.ratios[meta.index[t]] : 1.f;
+  const float inv = inv_scale(s);
+  P* p = static_cast<P*>(meta.p[t]);
+  const P* g = static_cast<const P*>(meta.g[t]);
+  B* buf = static_cast<B*>(meta.buf[t]);
+  float* master = meta.master[t];
+
+  constexpr int kVec = 16 / sizeof(P);
+  int64_t i = begin;
+  const bool vector = aligned16<P>(p) && aligned16<P>(g) && (!kMomentum || reinterpret_cast<uintptr_t>(buf) %
+                      (sizeof(B) * kVec) == 0) && (!kMaster || reinterpret_cast<uintptr_t>(master) % (4 * kVec) == 0);
+  if (vector) {
+    const int64_t vec_end = begin + (end - begin) / kVec * kVec;
+    for (int64_t j = begin + static_cast<int64_t>(threadIdx.x) * kVec; j < vec_end;
+         j += static_cast<int64_t>(blockDim.x) * kVec) {
+      Pack<P, kVec> pv = *reinterpret_cast<const Pack<P, kVec>*>(p + j);
+      const Pack<P, kVec> gv = *reinterpret_cast<const Pack<P, kVec>*>(g + j);
+      Pack<B, kVec> bv;
+      Pack<float, kVec> mv;
+      if (kMomentum && !s.cfg.first_step) bv = *reinterpret_cast<const Pack<B, kVec>*>(buf + j);
+      if (kMaster) mv = *reinterpret_cast<const Pack<float, kVec>*>(master + j);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        float x = kMaster ? mv.v[k] : static_cast<float>(pv.v[k]);
+        float b = (kMomentum && !s.cfg.first_step) ? static_cast<float>(bv.v[k]) : 0.f;
+        update_element(x, static_cast<float>(gv.v[k]) * inv, b, lr, r, s.cfg);
+        if (kMaster) mv.v[k] = x;
+        pv.v[k] = static_cast<P>(x);
+        if (kMomentum) bv.v[k] = static_cast<B>(b);
+      }
+      *reinterpret_cast<Pack<P, kVec>*>(p + j) = pv;
+      if (kMomentum) *reinterpret_cast<Pack<B, kVec>*>(buf + j) = bv;
+      if (kMaster) *reinterpret_cast<Pack<float, kVec>*>(master + j) = mv;
+    }
+    i = vec_end;
+  }
+  for (int64_t j = i + threadIdx.x; j < end; j += blockDim.x) {
+    update_one<P, B, kMomentum, kMaster>(p, g, buf, master, j, lr, r, inv, s.cfg);
+  }
+}
+
+// Block-wide sum in a fixed pattern (warp shuffles, then the warps' sums in order): repeatable bit for bit.
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) total += shared[w];
+  }
+  __syncthreads();
+  return total;  // valid in thread 0
+}
+
+template <typename P>
+__global__ void __launch_bounds__(kThreads)
+    sum_squares_kernel(const __grid_constant__ TensorMeta meta, const __grid_constant__ Scalars s, float* partials) {
+  if (skipped(s)) return;
+  __shared__ float shared[kThreads / 32];
+  const int t = meta.block_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
+  const int64_t end = begin + kChunk < meta.numel[t] ? begin + kChunk : meta.numel[t];
+  const float inv = inv_scale(s);
+  const P* g = static_cast<const P*>(meta.g[t]);
+  float p_sq = 0.f, g_sq = 0.f;
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+    const float pv = meta.master[t] != nullptr ? meta.master[t][j] : static_cast<float>(static_cast<P*>(meta.p[t])[j]);
+    const float gv = static_cast<float>(g[j]) * inv;
+    p_sq += pv * pv;
+    g_sq += gv * gv;
+  }
+  p_sq = block_sum(p_sq, shared);
+  g_sq = block_sum(g_sq, shared);
+  if (threadIdx.x == 0) {
+    partials[2 * meta.block_global_chunk[blockIdx.x]] = p_sq;
+    partials[2 * meta.block_global_chunk[blockIdx.x] + 1] = g_sq;
+  }
+}
+
+// Chunk ranges of up to kMaxRatioTensors tensors, as kernel arguments: no per-call host-to-device copy, so the
+// launches stay valid when replayed from a CUDA graph.
+constexpr int kMaxRatioTensors = 2048;
+
+struct RatioMeta {
+  int32_t first_chunk[kMaxRatioTensors + 1];  // tensor t of this launch owns chunks [first_chunk[t], [t + 1])
+  int32_t tensor_base;                        // index of this launch's tensor 0 in the call
+};
+
+// One block per tensor: its chunk partials in order -> the trust ratio.
+__global__ void __launch_bounds__(kThreads)
+    trust_ratio_kernel(const __grid_constant__ RatioMeta meta, const float* partials, float* ratios,
+                       const __grid_constant__ Scalars s, float trust_coefficient, float weight_decay, float eps,
+                       bool clip) {
+  if (skipped(s)) return;
+  __shared__ float shared[kThreads / 32];
+  const int t = blockIdx.x;
+  float p_sq = 0.f, g_sq = 0.f;
+  for (int c = meta.first_chunk[t] + threadIdx.x; c < meta.first_chunk[t + 1]; c += blockDim.x) {
+    p_sq += partials[2 * c];
+    g_sq += partials[2 * c + 1];
+  }
+  p_sq = block_sum(p_sq, shared);
+  g_sq = block_sum(g_sq, shared);
+  if (threadIdx.x == 0) {
+    const float lr = clip ? resolve_lr(s) : 1.f;
+    ratios[meta.tensor_base + t] = trust_ratio(sqrtf(p_sq), sqrtf(g_sq), lr, trust_coefficient, weight_decay,
+                                               eps, clip);
+  }
+}
+
+// Fills TensorMeta launch by launch and calls `launch(meta, n_blocks)`.
+template <typename F>
+void for_each_launch(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList masters,
+                     const F& launch) {
+  TensorMeta meta{};
+  int n_tensors = 0, n_blocks = 0, global_chunk = 0;
+  for (int64_t t = 0; t < static_cast<int64_t>(params.size()); ++t) {
+    const int64_t n = params[t].numel();
+    if (n == 0) continue;
+    meta.p[n_tensors] = params[t].data_ptr();
+    meta.g[n_tensors] = grads[t].data_ptr();
+    meta.buf[n_tensors] = bufs.empty() ? nullptr : bufs[t].data_ptr();
+    meta.master[n_tensors] = masters.empty() ? nullptr : masters[t].data_ptr<float>();
+    meta.numel[n_tensors] = n;
+    meta.index[n_tensors] = static_cast<int32_t>(t);
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    for (int64_t c = 0; c < chunks; ++c) {
+      meta.block_tensor[n_blocks] = static_cast<int16_t>(n_tensors);
+      meta.block_chunk[n_blocks] = static_cast<int32_t>(c);
+      meta.block_global_chunk[n_blocks] = global_chunk++;
+      ++n_blocks;
+      const bool blocks_full = n_blocks == kMaxBlocks;
+      const bool last_chunk = c == chunks - 1;
+      if (blocks_full || (last_chunk && n_tensors + 1 == kMaxTensors)) {
+        launch(meta, n_blocks);
+        n_blocks = 0;
+        if (!last_chunk) {  // the tensor continues in the next launch, as its entry 0
+          meta.p[0] = meta.p[n_tensors];
+          meta.g[0] = meta.g[n_tensors];
+          meta.buf[0] = meta.buf[n_tensors];
+          meta.master[0] = meta.master[n_tensors];
+          meta.numel[0] = meta.numel[n_tensors];
+          meta.index[0] = meta.index[n_tensors];
+          n_tensors = 0;
+        } else {
+          n_tensors = -1;  // incremented below
+        }
+      }
+    }
+    ++n_tensors;
+  }
+  if (n_blocks > 0) launch(meta, n_blocks);
+}
+
+template <typename F>
+void dispatch_param_type(at::ScalarType type, F&& f) {
+  switch (type) {
+    case at::kFloat:
+      return f(float{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    case at::kHalf:
+      return f(c10::Half{});
+    default:
+      TORCH_CHECK(false, "fused_step_: unsupported param dtype ", type);
+  }
+}
+
+}  // namespace
+
+void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList masters,
+                     const at::Tensor& step, const c10::optional<at::Tensor>& schedule,
+                     const c10::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
+                     double weight_decay, bool nesterov, bool first_step, bool lars, double trust_coefficient,
+                     double eps, bool trust_clip, const c10::optional<at::Tensor>& grad_scale,
+                     const c10::optional<at::Tensor>& found_inf) {
+  check_fused_step_args(params, grads, bufs, masters, step, schedule, momentum);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto as_float = [](const c10::optional<at::Tensor>& t) {
+    return t.has_value() ? c10::optional<at::Tensor>(t->to(at::kFloat).contiguous()) : c10::nullopt;
+  };
+  const auto lr_f = as_float(lr_tensor), scale_f = as_float(grad_scale), inf_f = as_float(found_inf);
+  Scalars s{};
+  s.step = step.data_ptr<int64_t>();
+  s.schedule = schedule.has_value() ? schedule->data_ptr<double>() : nullptr;
+  s.schedule_len = schedule.has_value() ? schedule->numel() : 0;
+  s.lr_tensor = lr_f.has_value() ? lr_f->data_ptr<float>() : nullptr;
+  s.lr = static_cast<float>(lr);
+  s.cfg = StepConfig{static_cast<float>(momentum), static_cast<float>(dampening), static_cast<float>(weight_decay),
+                     nesterov, first_step};
+  s.grad_scale = scale_f.has_value() ? scale_f->data_ptr<float>() : nullptr;
+  s.found_inf = inf_f.has_value() ? inf_f->data_ptr<float>() : nullptr;
+
+  dispatch_param_type(params[0].scalar_type(), [&](auto tag) {
+    using P = decltype(tag);
+    at::Tensor ratios;
+    if (lars) {
+      const int64_t n = static_cast<int64_t>(params.size());
+      std::vector<int32_t> first_chunk(n + 1, 0);
+      for (int64_t t = 0; t < n; ++t)
+        first_chunk[t + 1] = first_chunk[t] + static_cast<int32_t>((params[t].numel() + kChunk - 1) / kChunk);
+      const auto options = params[0].options().dtype(at::kFloat);
+      at::Tensor partials = at::empty({2 * std::max(first_chunk.back(), 1)}, options);
+      ratios = at::empty({n}, options);  // every tensor's block writes its ratio (1 for empty tensors)
+      for_each_launch(params, grads, bufs, masters, [&](const TensorMeta& meta, int n_blocks) {
+        sum_squares_kernel<P><<<n_blocks, kThreads, 0, stream>>>(meta, s, partials.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      for (int64_t base = 0; base < n; base += kMaxRatioTensors) {
+        const int64_t count = std::min<int64_t>(kMaxRatioTensors, n - base);
+        RatioMeta meta{};
+        meta.tensor_base = static_cast<int32_t>(base);
+        std::copy(first_chunk.begin() + base, first_chunk.begin() + base + count + 1, meta.first_chunk);
+        trust_ratio_kernel<<<static_cast<unsigned>(count), kThreads, 0, stream>>>(
+            meta, partials.data_ptr<float>(), ratios.data_ptr<float>(), s, static_cast<float>(trust_coefficient),
+            static_cast<float>(weight_decay), static_cast<float>(eps), trust_clip);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      s.ratios = ratios.data_ptr<float>();
+    }
+    const bool has_momentum = momentum != 0.0;
+    auto run = [&](auto momentum_tag, auto master_tag) {
+      constexpr bool kMomentum = decltype(momentum_tag)::value;
+      constexpr bool kMaster = decltype(master_tag)::value;
+      using B = std::conditional_t<kMaster, float, P>;
+      for_each_launch(params, grads, bufs, masters, [&](const TensorMeta& meta, int n_blocks) {
+        update_kernel<P, B, kMomentum, kMaster><<<n_blocks, kThreads, 0, stream>>>(meta, s);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    };
+    if (masters.empty()) {
+      has_momentum ? run(std::true_type{}, std::false_type{}) : run(std::false_type{}, std::false_type{});
+    } else {
+      has_momentum ? run(std::true_type{}, std::true_type{}) : run(std::false_type{}, std::true_type{});
+    }
+  });
+}
+
+TORCH_LIBRARY_IMPL(legw_fused, CUDA, m) { m.impl("fused_step_", &fused_step_cuda); }
+
+}  // namespace legw_fused

@@ -1,0 +1,119 @@
+"""GPU tests of the fused step: the cuda and triton backends against the reference on CUDA tensors, CUDA-graph
+capture and replay, a tensor of more than 2^31 elements. Skipped without a CUDA device."""
+
+import pytest
+import torch
+from test_fused_step import CONFIGS, LRS, assert_close_to_reference, make
+
+from legw_fused import LEGW, SGD, backends
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+GPU_BACKENDS = ["cuda", "triton"]
+SIZES = [(0,), (1,), (7,), (65537,), (278011,), (3, 5, 7), (1 << 20,)]
+
+
+def require_gpu_backend(name):
+    reason = backends.BACKENDS[name].unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(f"backend {name!r} unavailable: {reason}")
+
+
+def run_pair_cuda(kind, cfg, dtype, lr, backend, steps=10, sizes=SIZES):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(s, generator=g, device="cuda").to(dtype)) for s in sizes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    fused, ref = make(kind, a, lr, backend, cfg), make(kind, b, lr, "torch", cfg)
+    for t in range(steps):
+        for pa, pb in zip(a, b):
+            grad = (torch.randn(pa.shape, generator=g, device="cuda") * 0.5).to(dtype)
+            pa.grad, pb.grad = grad.clone(), grad.clone()
+        fused.step()
+        ref.step()
+        for i, (pa, pb) in enumerate(zip(a, b)):
+            assert_close_to_reference(pa.detach(), pb.detach(), dtype, msg=lambda m: f"step {t} tensor {i}: {m}")
+    return fused, a
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind,cfg", CONFIGS, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CONFIGS)])
+@pytest.mark.parametrize("lr_id", list(LRS))
+def test_matches_reference_on_gpu(backend, dtype, kind, cfg, lr_id):
+    require_gpu_backend(backend)
+    run_pair_cuda(kind, cfg, dtype, LRS[lr_id], backend)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_many_tensors_on_gpu(backend):
+    require_gpu_backend(backend)
+    sizes = [(i % 13 + 1, 3) for i in range(600)] + [(0,), (300000,)]
+    run_pair_cuda("lars", dict(momentum=0.9, weight_decay=1e-4, trust_clip=True), torch.float32, 0.1, backend,
+                  steps=3, sizes=sizes)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_step_never_syncs(backend):
+    require_gpu_backend(backend)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, device="cuda")) for s in SIZES]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, device="cuda")
+    opt = make("lars", params, LRS["legw-lr"], backend, dict(momentum=0.9, weight_decay=1e-4, trust_clip=True))
+    opt.step()  # first step: buffers and cached tables are made
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["sgd", "lars"])
+def test_cuda_graph_capture_and_replay_advance_the_schedule(backend, kind):
+    require_gpu_backend(backend)
+    sched = LEGW(0.5, 32, 256, 0.125, 4, 3)
+    cfg = dict(momentum=0.9, weight_decay=1e-4) if kind == "sgd" else dict(momentum=0.9, weight_decay=1e-4,
+                                                                           trust_clip=True)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    a = [torch.nn.Parameter(torch.randn(s, generator=g, device="cuda")) for s in SIZES[1:]]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    static_grads = [torch.randn(p.shape, generator=g, device="cuda") for p in a]
+    graphed, eager = make(kind, a, sched, backend, cfg), make(kind, b, sched, "torch", cfg)
+    for p, q, grad in zip(a, b, static_grads):
+        p.grad, q.grad = grad, grad.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up: state, buffers and cached launch tables exist before capture
+            graphed.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(2):
+        eager.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step()
+    for _ in range(sched.total_steps):  # across warmup and decay: the LR must change on every replay
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    assert int(graphed.state[a[0]]["step"]) == 2 + sched.total_steps
+    for p, q in zip(a, b):
+        assert_close_to_reference(p.detach(), q.detach(), torch.float32)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_tensor_over_2_31_elements(backend):
+    require_gpu_backend(backend)
+    n = (1 << 31) + 7
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * 4 * n + (1 << 30):
+        pytest.skip(f"needs {3 * 4 * n / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    p = torch.nn.Parameter(torch.ones(n, device="cuda"))
+    p.grad = torch.ones(n, device="cuda")
+    p.grad[-3:] = torch.tensor([2.0, 3.0, 4.0], device="cuda")
+    SGD([p], lr=0.5, momentum=0.0, backend=backend).step()
+    # The last elements, beyond int32 indexing, received their own update.
+    torch.testing.assert_close(p[-4:].detach(), torch.tensor([0.5, 0.0, -0.5, -1.0], device="cuda"))
+    torch.testing.assert_close(p[:2].detach(), torch.tensor([0.5, 0.5], device="cuda"))

@@ -25,7 +25,7 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _fused_step(op, params, grads, bufs, *, lr, step, momentum, dampening, weight_decay, nesterov, lars=False,
-                trust_coefficient=0.0, eps=0.0, trust_clip=False, grad_scale=None, found_inf=None):
+                trust_coefficient=0.0, eps=0.0, trust_clip=False, grad_scale=None, found_inf=None, masters=None):
     """reference.step_'s calling convention on top of a fused_step_ implementation ``op`` (the C++ op or the
     Triton launcher, same arguments).
 
@@ -38,8 +38,10 @@ def _fused_step(op, params, grads, bufs, *, lr, step, momentum, dampening, weigh
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     lr_value = float(lr) if schedule is None and lr_tensor is None else 0.0
 
-    def launch(ps, gs, bs, first_step):
-        op(ps, gs, bs, [], step, schedule, lr_tensor, lr_value, float(momentum), float(dampening),
+    masters = masters or []
+
+    def launch(ps, gs, bs, first_step, ms=masters):
+        op(ps, gs, bs, ms, step, schedule, lr_tensor, lr_value, float(momentum), float(dampening),
            float(weight_decay), nesterov, first_step, lars, float(trust_coefficient), float(eps), trust_clip,
            grad_scale, found_inf)
 
@@ -51,15 +53,17 @@ def _fused_step(op, params, grads, bufs, *, lr, step, momentum, dampening, weigh
         launch(params, grads, bufs, False)
         return bufs
     zero_init = found_inf is not None
-    bufs = [(torch.zeros_like(p) if zero_init else torch.empty_like(p)) if b is None else b
-            for p, b in zip(params, bufs)]
+    like = masters or params  # buffers are fp32 with master weights
+    bufs = [(torch.zeros_like(x) if zero_init else torch.empty_like(x)) if b is None else b
+            for x, b in zip(like, bufs)]
     if zero_init or len(new) == len(params):
         launch(params, grads, bufs, not zero_init)
         return bufs
     # Some tensors start their momentum now, others continue it: one call for each kind.
     old = sorted(set(range(len(params))) - set(new))
     for idx, first in ((new, True), (old, False)):
-        launch([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx], first)
+        launch([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx], first,
+               [masters[i] for i in idx] if masters else [])
     return bufs
 
 

@@ -22,6 +22,7 @@ from .schedule import LEGW
 
 __all__ = ["SGD", "LARS", "param_groups"]
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Keys torch.optim.SGD stores in its param groups that have no meaning here; dropped when loading its state_dict.
 _TORCH_ONLY_GROUP_KEYS = ("foreach", "differentiable", "fused", "capturable", "maximize")
 
@@ -53,7 +54,7 @@ class _MomentumOptimizer(Optimizer):
             _check_nonnegative(where, "lr", lr)
         for name in self._nonnegative:
             _check_nonnegative(where, name, group[name])
-        for name in self._flags:
+        for name in self._flags + ("master_weights",):
             if not isinstance(group[name], bool):
                 raise TypeError(f"{where}: {name} must be a bool, got {group[name]!r}")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -157,9 +158,18 @@ class _MomentumOptimizer(Optimizer):
             states = [self.state[p] for p in params]
             for state in states:
                 state["step"] = counter
+            masters = None
+            if group["master_weights"] and params[0].dtype in _LOW_PRECISION:
+                # fp32 master copy and fp32 momentum, made on first use (also when switched on mid-training).
+                for p, state in zip(params, states):
+                    if "master_param" not in state:
+                        state["master_param"] = p.detach().float()
+                    if state.get("momentum_buffer") is not None and state["momentum_buffer"].dtype != torch.float32:
+                        state["momentum_buffer"] = state["momentum_buffer"].float()
+                masters = [state["master_param"] for state in states]
             bufs = backend.step(params, grads, [state.get("momentum_buffer") for state in states], lr=lr,
                                 step=counter, grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
-                                **self._hyperparameters(group))
+                                masters=masters, **self._hyperparameters(group))
             if group["momentum"] != 0:
                 for state, buf in zip(states, bufs):
                     if buf is not None:
@@ -201,10 +211,19 @@ class _MomentumOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load our own state_dict or torch.optim.SGD's; everything is checked before anything changes."""
         checked, t = self._checked_state_dict(state_dict)
+        # torch's loader casts state tensors to the parameter's dtype; fp32 masters and their momentum stay fp32.
+        id_to_param = {i: p for saved, g in zip(checked["param_groups"], self.param_groups)
+                       for i, p in zip(saved["params"], g["params"])}
+        fp32_state = {id_to_param[k]: {key: v for key, v in st.items()
+                                       if key in ("master_param", "momentum_buffer") and isinstance(v, Tensor)}
+                      for k, st in checked["state"].items() if "master_param" in st and k in id_to_param}
         super().load_state_dict(checked)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        for p, saved in fp32_state.items():
+            for key, value in saved.items():
+                self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
         self._link_step_counters(t)
 
     def _link_step_counters(self, t: int) -> None:
@@ -244,12 +263,14 @@ class _MomentumOptimizer(Optimizer):
         steps = []
         for key, state in state_dict["state"].items():
             param, buf = id_to_param.get(key), state.get("momentum_buffer")
-            if buf is not None and not isinstance(buf, Tensor):
-                raise ValueError(f"{name}.load_state_dict: momentum_buffer of parameter {key} must be a tensor, "
-                                 f"got {type(buf).__name__}")
-            if param is not None and buf is not None and tuple(buf.shape) != tuple(param.shape):
-                raise ValueError(f"{name}.load_state_dict: momentum_buffer of parameter {key} has shape "
-                                 f"{tuple(buf.shape)} but the parameter has shape {tuple(param.shape)}")
+            for field in ("momentum_buffer", "master_param"):
+                value = state.get(field)
+                if value is not None and not isinstance(value, Tensor):
+                    raise ValueError(f"{name}.load_state_dict: {field} of parameter {key} must be a tensor, got "
+                                     f"{type(value).__name__}")
+                if param is not None and value is not None and tuple(value.shape) != tuple(param.shape):
+                    raise ValueError(f"{name}.load_state_dict: {field} of parameter {key} has shape "
+                                     f"{tuple(value.shape)} but the parameter has shape {tuple(param.shape)}")
             if state.get("step") is not None:
                 steps.append(_checked_step(name, key, state["step"]))
         # The step count is the largest one saved (all equal when we saved it); torch.optim.SGD saves none: 0.
@@ -290,14 +311,17 @@ def _check_nonnegative(where: str, name: str, value) -> None:
 class SGD(_MomentumOptimizer):
     """Momentum SGD with exactly torch.optim.SGD's update; ``lr`` is a float, a tensor or a ``LEGW`` schedule.
 
+    ``master_weights=True``: bf16/fp16 parameters are updated through an fp32 copy (state ``master_param``) with an
+    fp32 momentum buffer, and receive its rounding; fp32 parameters are unaffected.
+
     ``backend``: "auto" (fastest available for the params' device), or one of ``legw_fused.backend_info()``.
     A ``lars`` key in param groups (from ``param_groups()``) is ignored by SGD.
     """
 
     def __init__(self, params, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 backend="auto"):
+                 backend="auto", master_weights=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov), backend)
+                                      nesterov=nesterov, master_weights=master_weights), backend)
 
     def _hyperparameters(self, group: dict) -> dict:
         return {**super()._hyperparameters(group), "lars": False}
@@ -315,10 +339,10 @@ class LARS(_MomentumOptimizer):
     _flags = _MomentumOptimizer._flags + ("lars", "trust_clip")
 
     def __init__(self, params, lr, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 trust_coefficient=0.001, eps=1e-8, trust_clip=False, *, backend="auto"):
+                 trust_coefficient=0.001, eps=1e-8, trust_clip=False, *, backend="auto", master_weights=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, lars=True, trust_coefficient=trust_coefficient, eps=eps,
-                                      trust_clip=trust_clip), backend)
+                                      trust_clip=trust_clip, master_weights=master_weights), backend)
 
     def _hyperparameters(self, group: dict) -> dict:
         return {**super()._hyperparameters(group), "lars": group["lars"],

@@ -75,11 +75,13 @@ def _update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None
 def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], *, lr, step: Tensor,
           momentum: float, dampening: float, weight_decay: float, nesterov: bool, lars: bool = False,
           trust_coefficient: float = 0.0, eps: float = 0.0, trust_clip: bool = False, grad_scale: Tensor | None = None,
-          found_inf: Tensor | None = None) -> list[Tensor | None]:
+          found_inf: Tensor | None = None, masters: list[Tensor] | None = None) -> list[Tensor | None]:
     """Update ``params`` (and the momentum buffers) in place; return the buffers, new ones made on first use.
 
     ``step`` is the device int64 step count (steps already taken); it is read only when ``lr`` is a LEGW schedule.
-    bf16/fp16 tensors are computed in fp32 and rounded once when written back. Grads are multiplied by
+    bf16/fp16 tensors are computed in fp32 and rounded once when written back; with ``masters`` (fp32 copies of
+    bf16/fp16 params, fp32 buffers) the update runs on the masters and the params receive their rounding. Grads are
+    multiplied by
     1/grad_scale (GradScaler's unscale, into new tensors). This backend cannot skip on the device: the optimizer
     reads found_inf on the host and calls it only for finite steps.
     """
@@ -99,6 +101,10 @@ def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], 
         grads = torch._foreach_mul(grads, grad_scale.double().reciprocal().float())
     if not low_precision:  # fp32 and fp64 run in their own precision
         return _update_(params, grads, bufs, **hp)
+    if masters is not None:
+        bufs = _update_(masters, grads, bufs, **hp)
+        torch._foreach_copy_(params, masters)
+        return bufs
 
     p32 = [p.float() for p in params]
     b32 = [None if b is None else b.float() for b in bufs]

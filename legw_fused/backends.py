@@ -80,11 +80,11 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] | None  # None: any floating-point dtype
     step: Callable  # reference.step_'s signature
     description: str
-    reason_fn: Callable[[], str | None]  # why it cannot run here at all, or None
+    reason: str | None  # why it cannot run in this process at all (decided once, at import), or None
 
     def unavailable_reason(self, device_type: str | None = None, dtype: torch.dtype | None = None,
                            contiguous: bool = True) -> str | None:
-        reason = self.reason_fn()
+        reason = self.reason
         if reason is None and device_type is not None and self.device_types is not None \
                 and device_type not in self.device_types:
             reason = f"runs on {'/'.join(self.device_types)} tensors only, not {device_type}"
@@ -98,20 +98,17 @@ class Backend:
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache
 def _triton_reason() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     return None
 
 
-@functools.cache  # what was built does not change while the process runs; step() asks on every call
 def _cpp_reason() -> str | None:
     return _ops.EXTENSION_ERROR or (None if _ops.has_kernel("fused_step_", "CPU") else
                                     "legw_fused._C has no CPU kernel for fused_step_ (rebuild the extension)")
 
 
-@functools.cache
 def _cuda_reason() -> str | None:
     if _ops.EXTENSION_ERROR:
         return _ops.EXTENSION_ERROR
@@ -120,17 +117,19 @@ def _cuda_reason() -> str | None:
     return None if _ops.has_kernel("fused_step_", "CUDA") else _STEP_PENDING
 
 
+# What was built and installed does not change while the process runs: reasons are decided here, once, which also
+# keeps step() free of dispatcher queries (torch.compile traces it).
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", None, None, reference.step_, "pure-PyTorch reference over torch._foreach_* ops",
-                     lambda: None),
+                     None),
     "cpp": Backend("cpp", ("cpu",), FUSED_DTYPES, functools.partial(_fused_step, _ops.fused_step_),
-                   "fused C++ CPU kernel (legw_fused._C)", _cpp_reason),
+                   "fused C++ CPU kernel (legw_fused._C)", _cpp_reason()),
     "cuda": Backend("cuda", ("cuda",), FUSED_DTYPES, functools.partial(_fused_step, _ops.fused_step_),
-                    "fused multi-tensor CUDA kernel (legw_fused._C)", _cuda_reason),
+                    "fused multi-tensor CUDA kernel (legw_fused._C)", _cuda_reason()),
     # On CPU tensors only under TRITON_INTERPRET=1 (how it is tested without a GPU).
     "triton": Backend("triton", ("cuda", "cpu") if _TRITON_INTERPRET else ("cuda",), FUSED_DTYPES, _triton_step,
                       "fused multi-tensor Triton kernel" + (" (interpreted: TRITON_INTERPRET=1)"
-                                                            if _TRITON_INTERPRET else ""), _triton_reason),
+                                                            if _TRITON_INTERPRET else ""), _triton_reason()),
 }
 
 # Fastest first; "torch" closes every list so that auto always finds a backend.

@@ -254,3 +254,34 @@ def test_master_weights_survive_state_dict_and_start_mid_training(backend):
     for p, q in zip(low, twin):
         assert torch.equal(p, q)
         assert torch.equal(a.state[p]["master_param"], b.state[q]["master_param"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("kind", ["sgd", "lars"])
+def test_compiled_step_fullgraph_does_not_recompile_as_the_lr_changes(backend, kind):
+    import torch._dynamo.testing
+
+    require_backend(backend)
+    torch._dynamo.reset()
+    sched = LRS["legw-lr"]
+    cfg = dict(momentum=0.9, weight_decay=1e-4, trust_clip=True) if kind == "lars" else dict(momentum=0.9)
+    compiled_params, eager_params = twin_params(torch.float32, sizes=[(8, 4), (4,), (65537,)])
+    compiled, eager = make(kind, compiled_params, sched, backend, cfg), make(kind, eager_params, sched, backend, cfg)
+    counter = torch._dynamo.testing.CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def compiled_step():
+        compiled.step()
+
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(sched.total_steps):
+        for p, q in zip(compiled_params, eager_params):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        compiled_step()
+        eager.step()
+    # One graph for the first step (state is created), one for every later step, whatever the LR.
+    assert counter.frame_count == 2
+    for p, q in zip(compiled_params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert int(compiled.state[compiled_params[0]]["step"]) == sched.total_steps

@@ -85,20 +85,6 @@ std::vector<std::pair<int64_t, int64_t>> cache_groups(const std::vector<Chunk>& 
   return groups;
 }
 
-template <typename F>
-void dispatch_param_type(at::ScalarType type, F&& f) {
-  switch (type) {
-    case at::kFloat:
-      return f(float{});
-    case at::kBFloat16:
-      return f(c10::BFloat16{});
-    case at::kHalf:
-      return f(c10::Half{});
-    default:
-      TORCH_CHECK(false, "fused_step_: unsupported param dtype ", type);
-  }
-}
-
 // Sum of squares. Four independent 4-wide fp32 accumulators (GCC/Clang vector extensions): a single accumulator
 // makes the loop wait on each add's latency, at about a third of the memory bandwidth, and the compiler does not
 // split it by itself without -ffast-math. Accumulators restart every 1024 elements, whose sums are added in
@@ -154,7 +140,8 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     double weight_decay, bool nesterov, bool first_step, bool lars, double trust_coefficient,
                     double eps, bool trust_clip, const c10::optional<at::Tensor>& grad_scale,
                     const c10::optional<at::Tensor>& found_inf) {
-  check_fused_step_args(params, grads, bufs, masters, step, schedule, momentum);
+  check_fused_step_args(params, grads, bufs, masters, step, schedule, momentum,
+                        {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}});
   if (params.empty()) return;
   // A GradScaler found inf/NaN gradients: the step is skipped and nothing changes. (Host reads are free on CPU.)
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;

@@ -2,10 +2,16 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <c10/util/Optional.h>
 
+#include <initializer_list>
+#include <utility>
 #include <vector>
+
+#include "legw_schedule.h"
 
 namespace legw_fused {
 
@@ -14,7 +20,9 @@ namespace legw_fused {
 // their param's numel; with master weights, masters and buffers are fp32.
 inline void check_fused_step_args(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                                   at::TensorList masters, const at::Tensor& step,
-                                  const c10::optional<at::Tensor>& schedule, double momentum) {
+                                  const c10::optional<at::Tensor>& schedule, double momentum,
+                                  std::initializer_list<std::pair<const char*, const c10::optional<at::Tensor>*>>
+                                      scalars) {
   const auto n = params.size();
   TORCH_CHECK(grads.size() == n, "fused_step_: ", n, " params but ", grads.size(), " grads");
   TORCH_CHECK(bufs.size() == (momentum != 0 ? n : 0), "fused_step_: momentum_buffers must hold one tensor per "
@@ -23,8 +31,9 @@ inline void check_fused_step_args(at::TensorList params, at::TensorList grads, a
   TORCH_CHECK(step.scalar_type() == at::kLong && step.numel() == 1, "fused_step_: step must be a one-element "
               "int64 tensor");
   if (schedule.has_value()) {
-    TORCH_CHECK(schedule->scalar_type() == at::kDouble && schedule->dim() == 1,
-                "fused_step_: schedule must be the 1-D float64 tensor LEGW.packed(device)");
+    TORCH_CHECK(schedule->scalar_type() == at::kDouble && schedule->dim() == 1 && schedule->is_contiguous() &&
+                    schedule->numel() > kNumMilestones,
+                "fused_step_: schedule must be the contiguous 1-D float64 tensor LEGW.packed(device)");
   }
   if (n == 0) return;
   const auto dtype = params[0].scalar_type();
@@ -57,6 +66,25 @@ inline void check_fused_step_args(at::TensorList params, at::TensorList grads, a
   }
   TORCH_CHECK(step.device() == device, "fused_step_: step is on ", step.device(), ", params on ", device);
   TORCH_CHECK(!schedule.has_value() || schedule->device() == device, "fused_step_: schedule must be on ", device);
+  for (const auto& [name, t] : scalars) {  // lr_tensor, grad_scale, found_inf: one value, read by the kernels
+    TORCH_CHECK(!t->has_value() || ((*t)->numel() == 1 && (*t)->device() == device), "fused_step_: ", name,
+                " must be a one-element tensor on ", device);
+  }
+}
+
+// Calls f(P{}) with P the C++ type of the params' dtype (float, c10::BFloat16, c10::Half).
+template <typename F>
+void dispatch_param_type(at::ScalarType type, F&& f) {
+  switch (type) {
+    case at::kFloat:
+      return f(float{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    case at::kHalf:
+      return f(c10::Half{});
+    default:
+      TORCH_CHECK(false, "fused_step_: unsupported param dtype ", type);
+  }
 }
 
 }  // namespace legw_fused

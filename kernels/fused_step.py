@@ -14,8 +14,8 @@ launches capturable in a CUDA graph after one warm-up step. On CPU tensors the k
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import math
 import os
 
 import torch
@@ -208,7 +208,7 @@ class _Tables:
     def __init__(self, lists, device, chunk):
         params = lists[0]
         numels = [p.numel() for p in params]
-        counts = [math.ceil(n / chunk) for n in numels]
+        counts = [-(-n // chunk) for n in numels]
         self.n_chunks = sum(counts)
         host = {"ptrs": torch.tensor([[t.data_ptr() if t is not None else 0 for t in lst] for lst in lists],
                                      dtype=torch.int64).reshape(len(lists), -1),
@@ -221,18 +221,30 @@ class _Tables:
             setattr(self, name, value.pin_memory().to(device, non_blocking=True) if pin else value)
 
 
+# Tables by the addresses and sizes of the tensors they describe, least recently used first. Tables used while a
+# CUDA graph is captured are kept for good: the graph's launches read them on every replay.
 _TABLE_CACHE: dict[tuple, _Tables] = {}
-_TABLE_CACHE_SIZE = 16
+_KEPT_FOR_GRAPHS: set[tuple] = set()
+_TABLE_CACHE_SIZE = 256
 
 
 def _tables(lists, device, chunk) -> _Tables:
     key = (device, chunk) + tuple((t.data_ptr(), t.numel()) if t is not None else (0, 0) for lst in lists
                                   for t in lst)
-    tables = _TABLE_CACHE.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    tables = _TABLE_CACHE.pop(key, None)
     if tables is None:
-        if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
-        tables = _TABLE_CACHE[key] = _Tables(lists, device, chunk)
+        if capturing:
+            raise RuntimeError("fused_step_ (triton): these tensors were not seen before the CUDA graph capture; "
+                               "run one optimizer step (warm-up) with the same parameters and gradient tensors "
+                               "before capturing")
+        evictable = [k for k in _TABLE_CACHE if k not in _KEPT_FOR_GRAPHS]
+        if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE and evictable:
+            del _TABLE_CACHE[evictable[0]]
+        tables = _Tables(lists, device, chunk)
+    _TABLE_CACHE[key] = tables  # most recently used last
+    if capturing:
+        _KEPT_FOR_GRAPHS.add(key)
     return tables
 
 
@@ -257,8 +269,32 @@ def fused_step_(params, grads, momentum_buffers, master_params, step, schedule, 
             raise ValueError(f"fused_step_ (triton): param/grad {i} must be contiguous {dtype} on {device} "
                              f"with {p.numel()} elements")
     master = bool(master_params)
+    if master and dtype == torch.float32:
+        raise ValueError("fused_step_ (triton): master weights are for bf16/fp16 params")
+    buf_dtype = torch.float32 if master else dtype
+    for name, lst, want in (("momentum buffer", momentum_buffers, buf_dtype), ("master param", master_params,
+                                                                              torch.float32)):
+        for i, (x, p) in enumerate(zip(lst, params)):
+            if x.dtype != want or x.device != device or x.numel() != p.numel() or not x.is_contiguous():
+                raise ValueError(f"fused_step_ (triton): {name} {i} must be a contiguous {want} tensor of "
+                                 f"{p.numel()} elements on {device}")
+    for name, x in (("schedule", schedule), ("lr_tensor", lr_tensor), ("grad_scale", grad_scale),
+                    ("found_inf", found_inf)):
+        if x is not None and x.device != device:
+            raise ValueError(f"fused_step_ (triton): {name} is on {x.device}, the params on {device}")
     bufs = list(momentum_buffers) or [None] * n
     masters = list(master_params) or [None] * n
+    # Triton launches on the current device: make it the params' one.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _launch(params, grads, bufs, masters, device, step, schedule, lr_tensor, lr, momentum, dampening,
+                weight_decay, nesterov, first_step, lars, trust_coefficient, eps, trust_clip, grad_scale, found_inf,
+                master, dtype, chunk, block)
+
+
+def _launch(params, grads, bufs, masters, device, step, schedule, lr_tensor, lr, momentum, dampening, weight_decay,
+            nesterov, first_step, lars, trust_coefficient, eps, trust_clip, grad_scale, found_inf, master, dtype,
+            chunk, block) -> None:
+    n = len(params)
     tables = _tables([params, grads, bufs, masters], device, chunk)
     if tables.n_chunks == 0:
         return

@@ -52,24 +52,31 @@ def assert_unchanged(opt, snap):
                 torch.testing.assert_close(v, state[id(p)][k], rtol=0, atol=0, equal_nan=True)
 
 
-def legw_formula(base_lr, base_bs, bs, base_warmup_epochs, spe, epochs, decay="poly", power=2.0, end_lr=0.0):
-    """The LEGW schedule written out (poly/cosine/constant), independent of legw_fused.LEGW."""
+def expected_lr(t, base_lr, base_bs, bs, base_warmup_epochs, spe, epochs, decay="poly", power=2.0, end_lr=0.0,
+                gamma=0.1, milestones=(), scaling="sqrt", warmup_scaling="linear"):
+    """The schedule as the issue states it, from the raw arguments."""
     k = bs / base_bs
-    peak = base_lr * math.sqrt(k)
-    W = round(base_warmup_epochs * k * spe)
+    peak = {"sqrt": base_lr * k ** 0.5, "linear": base_lr * k, "none": base_lr}[scaling]
+    warm_epochs = base_warmup_epochs * k if warmup_scaling == "linear" else base_warmup_epochs
+    W = round(warm_epochs * spe)
     T = round(epochs * spe)
+    if t < W:
+        return peak * (t + 1) / W
+    s = 1.0 if T == W else min((t - W) / (T - W), 1.0)
+    if decay == "poly":
+        return end_lr + (peak - end_lr) * (1 - s) ** power
+    if decay == "cosine":
+        return end_lr + (peak - end_lr) * (1 + math.cos(math.pi * s)) / 2
+    if decay == "exp":
+        return peak * gamma ** ((t - W) / spe)
+    if decay == "step":
+        return peak * gamma ** len([m for m in milestones if t >= round(m * spe)])
+    return peak
 
-    def lr(t):
-        if t < W:
-            return peak * (t + 1) / W
-        s = 1.0 if T == W else min((t - W) / (T - W), 1.0)
-        if decay == "poly":
-            return end_lr + (peak - end_lr) * (1 - s) ** power
-        if decay == "cosine":
-            return end_lr + (peak - end_lr) * (1 + math.cos(math.pi * s)) / 2
-        return peak
 
-    return lr
+def legw_formula(base_lr, base_bs, bs, base_warmup_epochs, spe, epochs, **kwargs):
+    """expected_lr as a function of t, for torch's LambdaLR."""
+    return lambda t: expected_lr(t, base_lr, base_bs, bs, base_warmup_epochs, spe, epochs, **kwargs)
 
 
 EXACT = dict(rtol=0, atol=0)

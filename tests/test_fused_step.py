@@ -42,19 +42,20 @@ def make(kind, params, lr, backend, cfg):
     return LARS([{"params": params, "lars": kind == "lars"}], lr=lr, trust_coefficient=0.02, backend=backend, **cfg)
 
 
-def twin_params(dtype, seed=0, sizes=SIZES):
+def twin_params(dtype, seed=0, sizes=SIZES, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    a = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in sizes]
+    a = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype=dtype, device=device)) for s in sizes]
     return a, [torch.nn.Parameter(p.detach().clone()) for p in a]
 
 
-def run_pair(kind, cfg, dtype, lr, backend, steps=12, sizes=SIZES):
-    a, b = twin_params(dtype, sizes=sizes)
+def run_pair(kind, cfg, dtype, lr, backend, steps=12, sizes=SIZES, device="cpu"):
+    """A fused backend and the reference from the same parameters and gradients, compared after every step."""
+    a, b = twin_params(dtype, sizes=sizes, device=device)
     fused, ref = make(kind, a, lr, backend, cfg), make(kind, b, lr, "torch", cfg)
     gen = torch.Generator().manual_seed(1)
     for t in range(steps):
         for pa, pb in zip(a, b):
-            g = (torch.randn(pa.shape, generator=gen) * 0.5).to(dtype)
+            g = (torch.randn(pa.shape, generator=gen) * 0.5).to(dtype=dtype, device=device)
             pa.grad, pb.grad = g.clone(), g.clone()
         fused.step()
         ref.step()
@@ -285,3 +286,55 @@ def test_compiled_step_fullgraph_does_not_recompile_as_the_lr_changes(backend, k
     for p, q in zip(compiled_params, eager_params):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
     assert int(compiled.state[compiled_params[0]]["step"]) == sched.total_steps
+
+
+@pytest.mark.skipif(_ops.EXTENSION_ERROR is not None, reason=str(_ops.EXTENSION_ERROR))
+def test_op_rejects_bad_scalar_tensors():
+    op = torch.ops.legw_fused.fused_step_
+    args = list(_op_args())
+    bad = list(args)
+    bad[5] = args[5][:4]
+    with pytest.raises(RuntimeError, match="schedule must be the contiguous 1-D float64"):
+        op(*bad)
+    for index, name in ((6, "lr_tensor"), (17, "grad_scale"), (18, "found_inf")):
+        bad = list(args)
+        bad[index] = torch.ones(2)
+        with pytest.raises(RuntimeError, match=f"{name} must be a one-element tensor"):
+            op(*bad)
+
+
+def test_triton_launcher_checks_its_lists():
+    require_backend("triton")
+    from legw_fused.kernels import fused_step as triton_step
+
+    params, grads, bufs, *rest = _op_args(dtype=torch.bfloat16)
+    masters = [p.float() for p in params]
+    with pytest.raises(ValueError, match="momentum buffer 0 must be a contiguous torch.float32 tensor"):
+        triton_step.fused_step_(params, grads, bufs, masters, *rest[1:])  # bf16 buffers with fp32 masters
+    args = list(_op_args())
+    args[5] = args[5].to("meta")
+    with pytest.raises(ValueError, match="schedule is on meta"):
+        triton_step.fused_step_(*args)
+
+
+def test_triton_tables_are_built_once_for_many_buckets(monkeypatch):
+    require_backend("triton")
+    from legw_fused.kernels import fused_step as triton_step
+
+    built = []
+
+    class Counting(triton_step._Tables):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(triton_step, "_Tables", Counting)
+    groups = [{"params": [torch.nn.Parameter(torch.randn(3))]} for _ in range(20)]  # 20 buckets
+    opt = SGD(groups, lr=0.1, momentum=0.9, backend="triton")
+    for g in groups:
+        g["params"][0].grad = torch.ones(3)  # the same gradient tensors every step, as under a captured graph
+    for step in range(3):
+        opt.step()
+        if step == 1:
+            after_warm_up = len(built)
+    assert len(built) == after_warm_up  # the third step reuses every table

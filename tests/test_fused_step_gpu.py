@@ -3,7 +3,7 @@ capture and replay, a tensor of more than 2^31 elements. Skipped without a CUDA 
 
 import pytest
 import torch
-from test_fused_step import CONFIGS, LRS, assert_close_to_reference, make
+from test_fused_step import CONFIGS, LRS, assert_close_to_reference, make, run_pair
 
 from legw_fused import LEGW, SGD, backends
 
@@ -19,19 +19,7 @@ def require_gpu_backend(name):
 
 
 def run_pair_cuda(kind, cfg, dtype, lr, backend, steps=10, sizes=SIZES):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    a = [torch.nn.Parameter(torch.randn(s, generator=g, device="cuda").to(dtype)) for s in sizes]
-    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    fused, ref = make(kind, a, lr, backend, cfg), make(kind, b, lr, "torch", cfg)
-    for t in range(steps):
-        for pa, pb in zip(a, b):
-            grad = (torch.randn(pa.shape, generator=g, device="cuda") * 0.5).to(dtype)
-            pa.grad, pb.grad = grad.clone(), grad.clone()
-        fused.step()
-        ref.step()
-        for i, (pa, pb) in enumerate(zip(a, b)):
-            assert_close_to_reference(pa.detach(), pb.detach(), dtype, msg=lambda m: f"step {t} tensor {i}: {m}")
-    return fused, a
+    return run_pair(kind, cfg, dtype, lr, backend, steps=steps, sizes=sizes, device="cuda")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -28,7 +28,7 @@ constexpr int kThreads = 512;
 constexpr int kMaxTensors = 256;
 constexpr int kMaxBlocks = 1280;
 
-struct TensorMeta {  // 5*8*256 + 4*256 + 2*1280 + 4*1280 = 18.4 KB
+struct TensorMeta {  // 24,064 bytes: under the 32,764-byte kernel-parameter limit (CUDA >= 12.1, sm_70+)
   void* p[kMaxTensors];
   const void* g[kMaxTensors];
   void* buf[kMaxTensors];
@@ -111,7 +111,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t vec_end = begin + (end - begin) / kVec * kVec;
     for (int64_t j = begin + static_cast<int64_t>(threadIdx.x) * kVec; j < vec_end;
          j += static_cast<int64_t>(blockDim.x) * kVec) {
-      Pack<P, kVec> pv = *reinterpret_cast<const Pack<P, kVec>*>(p + j);
+      Pack<P, kVec> pv;
+      if (!kMaster) pv = *reinterpret_cast<const Pack<P, kVec>*>(p + j);  // with a master, p is only written
       const Pack<P, kVec> gv = *reinterpret_cast<const Pack<P, kVec>*>(g + j);
       Pack<B, kVec> bv;
       Pack<float, kVec> mv;
@@ -251,20 +252,6 @@ void for_each_launch(at::TensorList params, at::TensorList grads, at::TensorList
   if (n_blocks > 0) launch(meta, n_blocks);
 }
 
-template <typename F>
-void dispatch_param_type(at::ScalarType type, F&& f) {
-  switch (type) {
-    case at::kFloat:
-      return f(float{});
-    case at::kBFloat16:
-      return f(c10::BFloat16{});
-    case at::kHalf:
-      return f(c10::Half{});
-    default:
-      TORCH_CHECK(false, "fused_step_: unsupported param dtype ", type);
-  }
-}
-
 }  // namespace
 
 void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList masters,
@@ -273,7 +260,8 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      double weight_decay, bool nesterov, bool first_step, bool lars, double trust_coefficient,
                      double eps, bool trust_clip, const c10::optional<at::Tensor>& grad_scale,
                      const c10::optional<at::Tensor>& found_inf) {
-  check_fused_step_args(params, grads, bufs, masters, step, schedule, momentum);
+  check_fused_step_args(params, grads, bufs, masters, step, schedule, momentum,
+                        {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}});
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();

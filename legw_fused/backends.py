@@ -81,6 +81,7 @@ class Backend:
     step: Callable  # reference.step_'s signature
     description: str
     reason: str | None  # why it cannot run in this process at all (decided once, at import), or None
+    contiguous_only: bool = True  # the fused kernels index parameters as flat arrays
 
     def unavailable_reason(self, device_type: str | None = None, dtype: torch.dtype | None = None,
                            contiguous: bool = True) -> str | None:
@@ -90,7 +91,7 @@ class Backend:
             reason = f"runs on {'/'.join(self.device_types)} tensors only, not {device_type}"
         if reason is None and dtype is not None and self.dtypes is not None and dtype not in self.dtypes:
             reason = f"supports {', '.join(str(d).removeprefix('torch.') for d in self.dtypes)} params, not {dtype}"
-        if reason is None and not contiguous and self.name != "torch":
+        if reason is None and not contiguous and self.contiguous_only:
             reason = "needs contiguous parameters"
         return reason
 
@@ -121,7 +122,7 @@ def _cuda_reason() -> str | None:
 # keeps step() free of dispatcher queries (torch.compile traces it).
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", None, None, reference.step_, "pure-PyTorch reference over torch._foreach_* ops",
-                     None),
+                     None, contiguous_only=False),
     "cpp": Backend("cpp", ("cpu",), FUSED_DTYPES, functools.partial(_fused_step, _ops.fused_step_),
                    "fused C++ CPU kernel (legw_fused._C)", _cpp_reason()),
     "cuda": Backend("cuda", ("cuda",), FUSED_DTYPES, functools.partial(_fused_step, _ops.fused_step_),

@@ -1,0 +1,130 @@
+"""Functional LSTM: ``lstm_cell`` and ``lstm``, with torch's semantics, on a selectable backend.
+
+Shapes (letters used throughout the LSTM code): T time steps, B batch, I input size, H hidden size, G = 4H gate
+rows in PyTorch's order i, f, g, o. ``weight_ih [G, I]``, ``weight_hh [G, H]``, ``bias_ih``, ``bias_hh [G]``.
+
+One layer in one direction is the unit every backend implements (``_LAYERS``)::
+
+    X = x @ weight_ih^T + bias_ih + bias_hh          all T steps in one GEMM   [T, B, G]
+    for each step t (reversed for the backward direction):
+        a = X[t] + h @ weight_hh^T                    the recurrent GEMM        [B, G]
+        i, f, g, o = sigmoid(a_i), sigmoid(a_f), tanh(a_g), sigmoid(a_o)
+        c = f * c + i * g;  h = o * tanh(c)
+
+Low-precision inputs (bf16/fp16) keep the GEMMs in their dtype (fp32 accumulation) and do the gate and cell-state
+arithmetic in fp32; the cell state is carried between steps in fp32 and returned in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backends import check_backend_name
+from .lstm_backends import select_lstm_backend
+
+__all__ = ["lstm_cell", "lstm", "lstm_layer_reference"]
+
+
+def lstm_layer_reference(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+                         b_hh: Tensor | None, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer in one direction, in plain torch ops (autograd differentiates it).
+
+    x [T, B, I], h0/c0 [B, H] -> out [T, B, H], h_n [B, H], c_n [B, H]. The readable definition every fused
+    backend is tested against.
+    """
+    bias = None
+    if b_ih is not None:
+        bias = b_ih + b_hh if b_hh is not None else b_ih
+    elif b_hh is not None:
+        bias = b_hh
+    xw = F.linear(x, w_ih, bias)  # [T, B, G]: the input projection of every step at once
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 gate/cell math for bf16/fp16; float64 stays float64
+    h, c = h0, c0.to(acc)
+    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+    out: list[Tensor | None] = [None] * x.shape[0]
+    for t in steps:
+        a = (xw[t] + F.linear(h, w_hh)).to(acc)
+        i, f, g, o = a.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = (torch.sigmoid(o) * torch.tanh(c)).to(x.dtype)
+        out[t] = h
+    return torch.stack(out), h, c.to(x.dtype)
+
+
+def _check_same(name: str, t: Tensor | None, ref: Tensor) -> None:
+    if t is not None and (t.device != ref.device or t.dtype != ref.dtype):
+        raise ValueError(f"{name} must be on {ref.device} with dtype {ref.dtype} like the input, got "
+                         f"{t.device} / {t.dtype}")
+
+
+def _layer(backend: str, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+           b_hh: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    for name, t in (("h0", h0), ("c0", c0), ("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih),
+                    ("bias_hh", b_hh)):
+        _check_same(name, t, x)
+    chosen = select_lstm_backend(backend, x.device, x.dtype)
+    return chosen.step(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+
+
+def lstm_cell(input: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
+              b_hh: Tensor | None = None, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """One LSTM step, as ``torch.nn.LSTMCell``: input [B, I] (or [I]), h/c [B, H] (or [H]) -> (h', c')."""
+    check_backend_name(backend)
+    if input.dim() not in (1, 2):
+        raise ValueError(f"lstm_cell: input must be 1-D or 2-D, got {input.dim()}-D")
+    if h.dim() != input.dim() or c.dim() != input.dim():
+        raise ValueError(f"lstm_cell: h and c must have the input's number of dimensions ({input.dim()}), "
+                         f"got {h.dim()} and {c.dim()}")
+    batched = input.dim() == 2
+    x, h0, c0 = (input, h, c) if batched else (input[None], h[None], c[None])
+    H = w_hh.shape[1]
+    if x.shape[1] != w_ih.shape[1]:
+        raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected {w_ih.shape[1]}")
+    for name, t in (("h", h0), ("c", c0)):
+        if tuple(t.shape) != (x.shape[0], H):
+            raise RuntimeError(f"{name} must have shape {(x.shape[0], H)} (batch, hidden_size), "
+                               f"got {tuple(t.shape)}")
+    _, h1, c1 = _layer(backend, x[None], h0, c0, w_ih, w_hh, b_ih, b_hh, False)
+    return (h1, c1) if batched else (h1[0], c1[0])
+
+
+def lstm(input: Tensor, hx: tuple[Tensor, Tensor], params: list[Tensor], has_biases: bool = True,
+         num_layers: int = 1, dropout: float = 0.0, train: bool = False, bidirectional: bool = False,
+         batch_first: bool = False, *, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """A multi-layer LSTM with ``torch._VF.lstm``'s arguments: returns (output, h_n, c_n).
+
+    input [T, B, I] ([B, T, I] if batch_first); hx = (h_0, c_0), each [L·D, B, H] with D = 2 if bidirectional;
+    params in ``nn.LSTM._flat_weights`` order: for each layer, for each direction, w_ih, w_hh[, b_ih, b_hh].
+    output [T, B, D·H]. Dropout (probability ``dropout`` when ``train``) acts on every layer's output but the last.
+    """
+    check_backend_name(backend)
+    if input.dim() != 3:
+        raise ValueError(f"lstm: input must be 3-D (batched), got {input.dim()}-D")
+    if input.shape[1 if batch_first else 0] == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    D = 2 if bidirectional else 1
+    per = 4 if has_biases else 2
+    if len(params) != num_layers * D * per:
+        raise ValueError(f"lstm: expected {num_layers * D * per} weight tensors for {num_layers} layer(s), "
+                         f"{D} direction(s), has_biases={has_biases} (projections, proj_size > 0, are not "
+                         f"supported); got {len(params)}")
+    h0, c0 = hx
+    x = input.transpose(0, 1) if batch_first else input
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            w = params[k * per:(k + 1) * per]
+            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+            out, h, c = _layer(backend, x, h0[k], c0[k], w[0], w[1], b_ih, b_hh, d == 1)
+            outs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = outs[0] if D == 1 else torch.cat(outs, dim=2)
+        if dropout > 0 and train and layer < num_layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    output = x.transpose(0, 1) if batch_first else x
+    return output, torch.stack(h_n), torch.stack(c_n)

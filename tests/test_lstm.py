@@ -1,0 +1,245 @@
+"""legw_fused.LSTM / LSTMCell / functional against torch.nn.LSTM / torch.nn.LSTMCell with the same weights.
+
+Oracle: torch's own modules in float32 (or float64 for gradcheck). Low-precision runs are compared with the float32
+oracle run on the same (rounded) weights and inputs, within a per-dtype bound relative to the tensor's magnitude.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import legw_fused
+from legw_fused import functional as LF
+from legw_fused.lstm_backends import LSTM_BACKENDS
+
+# Worst error allowed, as a fraction of max(1, max |oracle|), for outputs/states and for gradients. fp32: a few
+# ulps accumulated over T steps and a GEMM of length I+H. bf16/fp16: the inputs of every GEMM are rounded to 8/11
+# significant bits, so errors of a few 2^-8 / 2^-11 relative to the magnitude are expected (torch's own bf16 LSTM
+# differs from its fp32 one by as much).
+TOL = {torch.float32: (2e-5, 5e-5), torch.bfloat16: (4e-2, 6e-2), torch.float16: (5e-3, 8e-3)}
+
+BACKENDS = [name for name in ("torch", "cpp", "triton") if name in LSTM_BACKENDS]
+
+
+@pytest.fixture(params=BACKENDS)
+def lstm_backend(request):
+    reason = LSTM_BACKENDS[request.param].unavailable_reason("cpu")
+    if reason is not None:
+        pytest.skip(f"LSTM backend {request.param!r} unavailable: {reason}")
+    return request.param
+
+
+def _close(name, got, want, tol):
+    got, want = got.float(), want.float()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+def _pair(cls_ours, cls_torch, *args, dtype=torch.float32, backend="auto", **kwargs):
+    """Our module in ``dtype`` and torch's in float32 with the same (dtype-rounded) weights."""
+    ours = cls_ours(*args, **kwargs, dtype=dtype, backend=backend)
+    ref = cls_torch(*args, **kwargs)
+    ref.load_state_dict({k: v.float() for k, v in ours.state_dict().items()})
+    return ours, ref
+
+
+LAYER_CASES = [
+    # (T, B, I, H, num_layers, bidirectional, batch_first, bias)
+    (5, 3, 4, 6, 1, False, False, True),
+    (1, 1, 3, 37, 1, False, False, True),      # T = 1, B = 1, odd H
+    (7, 2, 11, 37, 2, False, True, True),      # I != H, 2 layers, batch_first
+    (4, 3, 5, 8, 2, True, False, True),        # bidirectional
+    (3, 2, 4, 5, 1, True, True, False),        # no bias
+]
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: "T{}B{}I{}H{}L{}{}{}{}".format(
+    *c[:5], "-bi" if c[5] else "", "-bf" if c[6] else "", "" if c[7] else "-nobias"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_lstm_matches_torch(lstm_backend, case, dtype):
+    T, B, I, H, L, bi, bf, bias = case
+    if lstm_backend == "triton" and dtype != torch.float32 and L > 1:
+        pytest.skip("interpreter time: low-precision triton runs cover single-layer cases")
+    torch.manual_seed(0)
+    ours, ref = _pair(legw_fused.LSTM, nn.LSTM, I, H, L, bias, bf, 0.0, bi, dtype=dtype, backend=lstm_backend)
+    D = 2 if bi else 1
+    x = torch.randn((B, T, I) if bf else (T, B, I)).to(dtype)
+    h0 = (0.5 * torch.randn(L * D, B, H)).to(dtype)
+    c0 = torch.randn(L * D, B, H).to(dtype)
+    xs = [t.clone().requires_grad_() for t in (x, h0, c0)]
+    xr = [t.float().clone().requires_grad_() for t in (x, h0, c0)]
+    out, (h_n, c_n) = ours(xs[0], (xs[1], xs[2]))
+    rout, (rh, rc) = ref(xr[0], (xr[1], xr[2]))
+    assert out.dtype == h_n.dtype == c_n.dtype == dtype
+    ftol, gtol = TOL[dtype]
+    for name, a, b in (("output", out, rout), ("h_n", h_n, rh), ("c_n", c_n, rc)):
+        _close(name, a, b, ftol)
+    # One backward through all three outputs, with random cotangents.
+    cot = [torch.randn_like(t, dtype=torch.float32) for t in (rout, rh, rc)]
+    torch.autograd.backward([out, h_n, c_n], [c.to(dtype) for c in cot])
+    torch.autograd.backward([rout, rh, rc], cot)
+    for name, a, b in zip(("d input", "d h0", "d c0"), xs, xr):
+        _close(name, a.grad, b.grad, gtol)
+    for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        _close(f"d {name}", p.grad, q.grad, gtol)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_lstm_cell_matches_torch(lstm_backend, batched, with_state):
+    torch.manual_seed(1)
+    ours, ref = _pair(legw_fused.LSTMCell, nn.LSTMCell, 6, 37, backend=lstm_backend)
+    shape = (3,) if batched else ()
+    x = torch.randn(*shape, 6)
+    state = (torch.randn(*shape, 37), torch.randn(*shape, 37)) if with_state else None
+    leaves = [x] + (list(state) if state else [])
+    a = [t.clone().requires_grad_() for t in leaves]
+    b = [t.clone().requires_grad_() for t in leaves]
+    h, c = ours(a[0], (a[1], a[2]) if with_state else None)
+    rh, rc = ref(b[0], (b[1], b[2]) if with_state else None)
+    _close("h", h, rh, TOL[torch.float32][0])
+    _close("c", c, rc, TOL[torch.float32][0])
+    (h.sum() + (c * c).sum()).backward()
+    (rh.sum() + (rc * rc).sum()).backward()
+    for i, (p, q) in enumerate(zip(a, b)):
+        _close(f"grad {i}", p.grad, q.grad, TOL[torch.float32][1])
+    for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        _close(f"d {name}", p.grad, q.grad, TOL[torch.float32][1])
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_lstm_unbatched(lstm_backend, batch_first, with_state):
+    torch.manual_seed(2)
+    ours, ref = _pair(legw_fused.LSTM, nn.LSTM, 4, 9, 2, batch_first=batch_first, backend=lstm_backend)
+    x = torch.randn(6, 4)
+    state = (torch.randn(2, 9), torch.randn(2, 9)) if with_state else None
+    out, (h, c) = ours(x, state)
+    rout, (rh, rc) = ref(x, state)
+    for name, a, b in (("output", out, rout), ("h_n", h, rh), ("c_n", c, rc)):
+        _close(name, a, b, TOL[torch.float32][0])
+
+
+def test_functional_forms_match_torch(lstm_backend):
+    torch.manual_seed(3)
+    ref = nn.LSTM(5, 6, num_layers=2, bidirectional=True)
+    x = torch.randn(4, 3, 5)
+    hx = (torch.randn(4, 3, 6), torch.randn(4, 3, 6))
+    out, h, c = LF.lstm(x, hx, ref._flat_weights, True, 2, 0.0, False, True, False, backend=lstm_backend)
+    rout, rh, rc = torch._VF.lstm(x, hx, ref._flat_weights, True, 2, 0.0, False, True, False)
+    for name, a, b in (("output", out, rout), ("h_n", h, rh), ("c_n", c, rc)):
+        _close(name, a, b, TOL[torch.float32][0])
+    cell = nn.LSTMCell(5, 6)
+    h1, c1 = LF.lstm_cell(x[0], hx[0][0], hx[1][0], cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh,
+                          backend=lstm_backend)
+    rh1, rc1 = cell(x[0], (hx[0][0], hx[1][0]))
+    _close("cell h", h1, rh1, TOL[torch.float32][0])
+    _close("cell c", c1, rc1, TOL[torch.float32][0])
+
+
+def test_dropout_same_mask_as_torch_and_eval_mode(lstm_backend):
+    """On CPU our inter-layer dropout draws the same mask as torch's for the same seed; eval mode disables it."""
+    torch.manual_seed(4)
+    ours, ref = _pair(legw_fused.LSTM, nn.LSTM, 5, 8, 3, dropout=0.5, backend=lstm_backend)
+    x = torch.randn(6, 4, 5)
+    torch.manual_seed(11)
+    out, _ = ours(x)
+    torch.manual_seed(11)
+    rout, _ = ref(x)
+    _close("train output", out, rout, TOL[torch.float32][0])
+    torch.manual_seed(12)
+    out2, _ = ours(x)
+    assert (out2 - out).abs().max() > 1e-3, "dropout draws a new mask on every call in train mode"
+    ours.eval()
+    ref.eval()
+    e1, _ = ours(x)
+    e2, _ = ours(x)
+    assert torch.equal(e1, e2)
+    _close("eval output", e1, ref(x)[0], TOL[torch.float32][0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_gradcheck_float64(backend):
+    reason = LSTM_BACKENDS[backend].unavailable_reason("cpu", torch.float64)
+    if reason is not None:
+        pytest.skip(f"LSTM backend {backend!r} unavailable: {reason}")
+    torch.manual_seed(5)
+    T, B, I, H = 3, 2, 3, 4
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    w_ih = torch.randn(4 * H, I, dtype=torch.float64, requires_grad=True)
+    w_hh = torch.randn(4 * H, H, dtype=torch.float64, requires_grad=True)
+    b_ih = torch.randn(4 * H, dtype=torch.float64, requires_grad=True)
+    b_hh = torch.randn(4 * H, dtype=torch.float64, requires_grad=True)
+    layer = LSTM_BACKENDS[backend].step
+    for reverse in (False, True):
+        assert torch.autograd.gradcheck(lambda *a: layer(*a, reverse), (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+
+
+def test_bad_input_errors():
+    m = legw_fused.LSTM(4, 3)
+    with pytest.raises(ValueError, match="2D or 3D"):
+        m(torch.randn(2, 3, 4, 5))
+    with pytest.raises(RuntimeError, match="input_size"):
+        m(torch.randn(5, 2, 5))
+    with pytest.raises(RuntimeError, match="hidden"):
+        m(torch.randn(5, 2, 4), (torch.zeros(1, 3, 3), torch.zeros(1, 3, 3)))
+    with pytest.raises(RuntimeError, match="should also be 2-D"):
+        m(torch.randn(5, 4), (torch.zeros(1, 2, 3), torch.zeros(1, 2, 3)))
+    with pytest.raises(RuntimeError, match="larger than 0"):
+        m(torch.randn(0, 2, 4))
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        legw_fused.LSTM(4, 3, proj_size=2)
+    with pytest.raises(NotImplementedError, match="PackedSequence"):
+        m(pack_padded_sequence(torch.randn(5, 2, 4), torch.tensor([5, 3])))
+    with pytest.raises(ValueError, match="backend"):
+        legw_fused.LSTM(4, 3, backend="cudnn")
+    cell = legw_fused.LSTMCell(4, 3)
+    with pytest.raises(ValueError, match="1D or 2D"):
+        cell(torch.randn(2, 2, 4))
+    with pytest.raises(RuntimeError, match="input_size"):
+        cell(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="dtype"):
+        m(torch.randn(5, 2, 4, dtype=torch.float64))
+
+
+def test_state_dict_and_isinstance_are_torchs():
+    ours = legw_fused.LSTM(4, 6, 2, bidirectional=True)
+    ref = nn.LSTM(4, 6, 2, bidirectional=True)
+    assert isinstance(ours, nn.LSTM)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert all(a.shape == b.shape for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
+    ref.load_state_dict(ours.state_dict())  # and back
+    cell = legw_fused.LSTMCell(4, 6)
+    assert isinstance(cell, nn.LSTMCell) and list(cell.state_dict()) == list(nn.LSTMCell(4, 6).state_dict())
+
+
+def test_training_converges_like_torch(lstm_backend):
+    """A sequence classifier trained 40 steps from the same init with ours and with nn.LSTM ends at the same loss."""
+
+    def train(lstm_cls, **kw):
+        torch.manual_seed(6)
+        lstm = lstm_cls(3, 16, batch_first=True, **kw)
+        head = nn.Linear(16, 2)
+        opt = torch.optim.SGD(list(lstm.parameters()) + list(head.parameters()), lr=0.5, momentum=0.9)
+        gen = torch.Generator().manual_seed(7)
+        losses = []
+        for _ in range(40):
+            x = torch.randn(32, 12, 3, generator=gen)
+            y = (x[:, :, 0].sum(1) > 0).long()  # the sign of a running sum: needs memory over the sequence
+            out, _ = lstm(x)
+            loss = nn.functional.cross_entropy(head(out[:, -1]), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    ours = train(legw_fused.LSTM, backend=lstm_backend)
+    ref = train(nn.LSTM)
+    assert ref[-1] < 0.5 * ref[0], "the task is learnable (oracle run)"
+    assert abs(ours[-1] - ref[-1]) <= 1e-3 * max(1.0, ref[0]), (ours[-5:], ref[-5:])

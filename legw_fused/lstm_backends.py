@@ -11,6 +11,7 @@ import importlib.util
 import torch
 
 from . import _ops
+from .lstm_autograd import compiled_layer, triton_layer
 from .backends import _TRITON_INTERPRET, FUSED_DTYPES, Backend
 
 __all__ = ["LSTM_BACKENDS", "LSTM_AUTO_ORDER", "select_lstm_backend"]
@@ -20,18 +21,6 @@ def _reference_layer(*args):
     from .functional import lstm_layer_reference
 
     return lstm_layer_reference(*args)
-
-
-def _compiled_layer(*args):
-    from .lstm_autograd import compiled_layer
-
-    return compiled_layer(*args)
-
-
-def _triton_layer(*args):
-    from .lstm_autograd import triton_layer
-
-    return triton_layer(*args)
 
 
 def _compiled_reason(dispatch_key: str) -> str | None:
@@ -52,14 +41,17 @@ def _triton_reason() -> str | None:
 LSTM_BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", None, None, _reference_layer, "pure-PyTorch reference (autograd through torch ops)",
                      None, contiguous_only=False),
-    "cpp": Backend("cpp", ("cpu",), FUSED_DTYPES + (torch.float64,), _compiled_layer,
+    "cpp": Backend("cpp", ("cpu",), FUSED_DTYPES + (torch.float64,), compiled_layer,
                    "C++ CPU layer: hoisted input GEMM, fused pointwise forward/backward, batched weight grads",
                    _compiled_reason("CPU")),
-    "cuda": Backend("cuda", ("cuda",), FUSED_DTYPES + (torch.float64,), _compiled_layer,
+    "cuda": Backend("cuda", ("cuda",), FUSED_DTYPES + (torch.float64,), compiled_layer,
                     "CUDA layer: cuBLAS GEMMs + fused pointwise kernels", _compiled_reason("CUDA")),
+    "triton": Backend("triton", ("cuda", "cpu") if _TRITON_INTERPRET else ("cuda",), FUSED_DTYPES, triton_layer,
+                      "Triton: persistent whole-sequence kernel (small H) or per-step fused cell"
+                      + (" (interpreted: TRITON_INTERPRET=1)" if _TRITON_INTERPRET else ""), _triton_reason()),
 }
 
-LSTM_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "torch"), "cpu": ("cpp", "torch")}
+LSTM_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 
 def select_lstm_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:

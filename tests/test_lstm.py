@@ -60,9 +60,11 @@ LAYER_CASES = [
     *c[:5], "-bi" if c[5] else "", "-bf" if c[6] else "", "" if c[7] else "-nobias"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_lstm_matches_torch(lstm_backend, case, dtype):
+    _check_against_torch(lstm_backend, case, dtype)
+
+
+def _check_against_torch(lstm_backend, case, dtype):
     T, B, I, H, L, bi, bf, bias = case
-    if lstm_backend == "triton" and dtype != torch.float32 and L > 1:
-        pytest.skip("interpreter time: low-precision triton runs cover single-layer cases")
     torch.manual_seed(0)
     ours, ref = _pair(legw_fused.LSTM, nn.LSTM, I, H, L, bias, bf, 0.0, bi, dtype=dtype, backend=lstm_backend)
     D = 2 if bi else 1
@@ -85,6 +87,19 @@ def test_lstm_matches_torch(lstm_backend, case, dtype):
         _close(name, a.grad, b.grad, gtol)
     for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
         _close(f"d {name}", p.grad, q.grad, gtol)
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per-step"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_both_kernels(monkeypatch, persistent, dtype):
+    """Both Triton strategies, with several batch tiles (B > 16), several hidden tiles and K blocks (H = 37 > 32)
+    and both directions."""
+    if LSTM_BACKENDS["triton"].unavailable_reason("cpu") is not None:
+        pytest.skip(LSTM_BACKENDS["triton"].unavailable_reason("cpu"))
+    from legw_fused.kernels import lstm as K
+
+    monkeypatch.setattr(K, "PERSISTENT_MAX_H", 128 if persistent else 0)
+    _check_against_torch("triton", (3, 20, 5, 37, 1, True, False, True), dtype)
 
 
 @pytest.mark.parametrize("batched", [True, False])
@@ -178,6 +193,36 @@ def test_gradcheck_float64(backend):
     layer = LSTM_BACKENDS[backend].step
     for reverse in (False, True):
         assert torch.autograd.gradcheck(lambda *a: layer(*a, reverse), (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+
+
+def test_opcheck_compiled_ops():
+    from legw_fused import _ops
+
+    if not hasattr(torch.ops.legw_fused, "lstm_layer_fwd") or not _ops.has_kernel("lstm_layer_fwd", "CPU"):
+        pytest.skip(LSTM_BACKENDS["cpp"].unavailable_reason("cpu"))
+    torch.manual_seed(8)
+    T, B, I, H = 3, 2, 5, 4
+    x, w_ih, w_hh = torch.randn(T, B, I), torch.randn(4 * H, I), torch.randn(4 * H, H)
+    b_ih, b_hh, h0, c0 = torch.randn(4 * H), torch.randn(4 * H), torch.randn(B, H), torch.randn(B, H)
+    for reverse in (False, True):
+        args = [t.clone().requires_grad_() for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0)] + [reverse]
+        torch.library.opcheck(torch.ops.legw_fused.lstm_layer_fwd, args)
+        out, h_n, c_n, gates, cs = torch.ops.legw_fused.lstm_layer_fwd(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse)
+        torch.library.opcheck(torch.ops.legw_fused.lstm_layer_bwd,
+                              (torch.randn_like(out), torch.randn_like(h_n), None, x, w_ih, w_hh, h0, c0, out, gates,
+                               cs, reverse))
+
+
+def test_cuda_lstm_kernels_linked_when_forced():
+    """CI builds with LEGW_FUSED_FORCE_CUDA_BUILD=1: the CUDA LSTM kernels must then be registered."""
+    import os
+
+    from legw_fused import _ops
+
+    if os.environ.get("LEGW_FUSED_FORCE_CUDA_BUILD") != "1":
+        pytest.skip("LEGW_FUSED_FORCE_CUDA_BUILD is not set: this build may legitimately be CPU-only")
+    for op in ("lstm_layer_fwd", "lstm_layer_bwd"):
+        assert _ops.has_kernel(op, "CPU") and _ops.has_kernel(op, "CUDA"), op
 
 
 def test_bad_input_errors():

@@ -1,0 +1,203 @@
+"""LSTM benchmark: legw_fused.LSTM backends against torch's LSTM paths, in one run.
+
+    python -m legw_fused.bench.lstm --device cpu                       # MNIST-LSTM shape, B = 128 and 1024
+    python -m legw_fused.bench.lstm --device cuda                      # all settings below
+    python -m legw_fused.bench.lstm --device cuda --settings mnist --batches 64 8192
+
+Providers (same weights, same input): ours per backend; nn.LSTM (cuDNN on GPUs, ATen's CPU kernels on CPUs);
+nn.LSTM with cuDNN disabled (torch's native fused cell, GPU only); a loop of nn.LSTMCell; the plain unfused PyTorch
+cell (legw_fused.functional.lstm_layer_reference); FlashRNN if it is installed. Each runs forward only and
+forward + backward (gradients of the input and all weights). Reported: median ms, achieved TFLOP/s at
+8·T·B·H·(I + H) FLOP forward (x3 for forward + backward), speedup over nn.LSTM. JSON and Markdown go to
+bench/results/lstm_<device>.{json,md} with device, versions and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import legw_fused
+from legw_fused.bench.optimizer import cpu_medians_ms, cuda_median_ms, metadata
+from legw_fused.functional import lstm_layer_reference
+from legw_fused.lstm_backends import LSTM_AUTO_ORDER, LSTM_BACKENDS
+
+# (T, I, H, dtype, batch sizes): the paper's MNIST-LSTM, a PTB-style word LM (input = embedding = hidden), and
+# FlashRNN's published setting.
+SETTINGS = {
+    "mnist": (28, 28, 128, torch.float32, (128, 1024, 8192)),
+    "ptb-650": (35, 650, 650, torch.float32, (20, 80, 640)),
+    "ptb-1500": (35, 1500, 1500, torch.float32, (20, 80, 640)),
+    "flashrnn": (1024, 768, 768, torch.bfloat16, (16,)),
+}
+CPU_DEFAULT = {"mnist": (128, 1024)}
+
+
+def flops(T: int, B: int, I: int, H: int, backward: bool) -> float:
+    fwd = 8.0 * T * B * H * (I + H)  # 2·B·(I+H)·4H per step
+    return 3 * fwd if backward else fwd
+
+
+class _CellLoop(nn.Module):
+    """nn.LSTMCell called once per step: what many hand-written training loops do."""
+
+    def __init__(self, lstm: nn.LSTM):
+        super().__init__()
+        self.cell = nn.LSTMCell(lstm.input_size, lstm.hidden_size, device=lstm.weight_ih_l0.device,
+                                dtype=lstm.weight_ih_l0.dtype)
+        self.cell.load_state_dict({k.removesuffix("_l0"): v for k, v in lstm.state_dict().items()})
+
+    def forward(self, x):
+        h = c = x.new_zeros(x.shape[1], self.cell.hidden_size)
+        outs = []
+        for t in range(x.shape[0]):
+            h, c = self.cell(x[t], (h, c))
+            outs.append(h)
+        return torch.stack(outs)
+
+
+class _Unfused(nn.Module):
+    """The readable reference cell: separate torch ops for every gate (legw_fused.functional)."""
+
+    def __init__(self, lstm: nn.LSTM):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        m = self.lstm
+        z = x.new_zeros(x.shape[1], m.hidden_size)
+        return lstm_layer_reference(x, z, z, m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0, m.bias_hh_l0)[0]
+
+
+def providers(device: torch.device, I: int, H: int, dtype: torch.dtype):
+    """(name, module) pairs sharing one set of weights; the first is the baseline (nn.LSTM)."""
+    torch.manual_seed(0)
+    base = nn.LSTM(I, H, device=device, dtype=dtype)
+    out = [("nn.LSTM" + (" (cuDNN)" if device.type == "cuda" else ""), base)]
+    if device.type == "cuda":
+        out.append(("nn.LSTM, cuDNN off (native cell)", base))
+    for name in LSTM_AUTO_ORDER.get(device.type, ()):
+        if name != "torch" and LSTM_BACKENDS[name].unavailable_reason(device.type, dtype) is None:
+            ours = legw_fused.LSTM(I, H, device=device, dtype=dtype, backend=name)
+            ours.load_state_dict(base.state_dict())
+            out.append((f"legw_fused.LSTM [{name}]", ours))
+    out.append(("nn.LSTMCell loop", _CellLoop(base)))
+    out.append(("unfused PyTorch cell", _Unfused(base)))
+    if device.type == "cuda" and importlib.util.find_spec("flashrnn") is not None:
+        out.append(("FlashRNN", _flashrnn(base)))
+    return out
+
+
+def _flashrnn(base: nn.LSTM):
+    import flashrnn  # optional; its API takes [B, T, 4H] gate preactivations
+
+    class _Flash(nn.Module):
+        def forward(self, x):
+            xw = (x @ base.weight_ih_l0.t() + base.bias_ih_l0 + base.bias_hh_l0).transpose(0, 1)
+            return flashrnn.flashrnn(xw.unsqueeze(2), base.weight_hh_l0, function="lstm")[0]
+    return _Flash()
+
+
+def _call(module, x, backward: bool):
+    """A callable running one forward (under no_grad) or forward + backward of ``module`` on ``x``."""
+    def forward():
+        out = module(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    if not backward:
+        def run_fwd():
+            with torch.no_grad():
+                forward()
+        return run_fwd
+    with torch.no_grad():
+        grad = torch.randn_like(forward())
+
+    def run_fwd_bwd():
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        forward().backward(grad)
+    return run_fwd_bwd
+
+
+def run_setting(name: str, device: torch.device, batches, warmup: int, reps: int) -> list[dict]:
+    T, I, H, dtype, default_batches = SETTINGS[name]
+    rows = []
+    for B in batches or default_batches:
+        provs = providers(device, I, H, dtype)
+        for backward in (False, True):
+            x = torch.randn(T, B, I, device=device, dtype=dtype, requires_grad=backward)
+            fns = [_call(_CudnnOff(m) if p.startswith("nn.LSTM, cuDNN off") else m, x, backward) for p, m in provs]
+            if device.type == "cuda":
+                times = [cuda_median_ms(fn, warmup, reps) for fn in fns]
+            else:
+                times = cpu_medians_ms(fns, warmup, reps)
+            base = times[0]
+            for (pname, _), ms in zip(provs, times):
+                rows.append({"setting": name, "T": T, "I": I, "H": H, "B": B, "dtype": str(dtype).removeprefix(
+                    "torch."), "pass": "fwd+bwd" if backward else "fwd", "provider": pname, "ms": ms,
+                    "TFLOPs": flops(T, B, I, H, backward) / (ms * 1e-3) / 1e12, "vs_nn_LSTM": base / ms})
+    return rows
+
+
+class _CudnnOff(nn.Module):
+    def __init__(self, lstm: nn.LSTM):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        with torch.backends.cudnn.flags(enabled=False):
+            return self.lstm(x)
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"LSTM layer, {meta['device_name']} ({meta['device']}, {meta['threads']} threads), torch {meta['torch']}, "
+             f"triton {meta['triton']}, commit {meta['commit']}, {meta['date']}", "",
+             "| setting | T | I | H | B | dtype | pass | provider | ms | TFLOP/s | vs nn.LSTM |",
+             "|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['T']} | {r['I']} | {r['H']} | {r['B']} | {r['dtype']} | {r['pass']} | "
+                     f"{r['provider']} | {r['ms']:.3f} | {r['TFLOPs']:.3f} | {r['vs_nn_LSTM']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--settings", nargs="+", default=None, help=f"of {', '.join(SETTINGS)}")
+    parser.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default per setting)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    settings = args.settings or (list(SETTINGS) if device.type == "cuda" else list(CPU_DEFAULT))
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
+    if any(b <= 0 for b in args.batches or ()):
+        parser.error("--batches must be positive integers")
+    meta = metadata(device)
+    for key in ("schedule", "hyperparameters"):
+        meta.pop(key, None)
+    rows = []
+    for s in settings:
+        batches = args.batches or (CPU_DEFAULT.get(s) if device.type == "cpu" else None)
+        rows += run_setting(s, device, batches, args.warmup, args.reps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"lstm_{device.type}"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    table = markdown(meta, rows)
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

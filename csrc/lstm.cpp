@@ -1,0 +1,269 @@
+// legw_fused::lstm_layer_fwd / lstm_layer_bwd: one LSTM layer in one direction, forward and backward, on CPU
+// and CUDA. The time loop lives here, on the host, for both devices: the GEMMs go through ATen (MKL/oneDNN on the
+// CPU, cuBLAS on CUDA) and each step's pointwise part is one fused kernel per device (lstm.h).
+//
+// Shapes: T steps, B batch, I input, H hidden, G = 4H. Forward:
+//   X = x·W_ihᵀ + b_ih + b_hh for all steps in one GEMM [T·B, G]; per step X[t] += h·W_hhᵀ (in place), then the
+//   pointwise kernel turns X[t] into the activated gates (kept for backward) and writes c[t] and h[t] = out[t].
+// Backward, per step in reverse processing order: the pointwise kernel gives dA[t] and the gradient to c_{t-1};
+// dh_{t-1} = dA[t]·W_hh. After the loop the weight gradients are three large GEMMs over all T·B rows at once
+// (dW_ih = dAᵀ·x, dW_hh = dAᵀ·h_prev, db = Σ dA) and dx = dA·W_ih — instead of T small ones.
+// Saved for backward: the activated gates [T,B,G] (param dtype) and the cell states [T,B,H] (fp32 for bf16/fp16,
+// carried in fp32 across steps too); x, h0, c0 and the output are the caller's tensors.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "lstm.h"
+
+namespace legw_fused {
+namespace lstm {
+
+namespace {
+
+// Rows per parallel task: ~16K elements of work each, so small batches do not pay thread start-up per step.
+int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(H, 1)); }
+
+template <typename scalar_t>
+void fwd_rows(scalar_t* a, const at::opmath_type<scalar_t>* c_prev, at::opmath_type<scalar_t>* c, scalar_t* h,
+              int64_t b0, int64_t b1, int64_t H) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t b = b0; b < b1; ++b) {
+    scalar_t* ar = a + b * 4 * H;
+    const acc_t* cp = c_prev + b * H;
+    acc_t* cr = c + b * H;
+    scalar_t* hr = h + b * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      const Fwd<acc_t> r(acc_t(ar[j]), acc_t(ar[H + j]), acc_t(ar[2 * H + j]), acc_t(ar[3 * H + j]), cp[j]);
+      ar[j] = scalar_t(r.i);
+      ar[H + j] = scalar_t(r.f);
+      ar[2 * H + j] = scalar_t(r.g);
+      ar[3 * H + j] = scalar_t(r.o);
+      cr[j] = r.c;
+      hr[j] = scalar_t(r.h);
+    }
+  }
+}
+
+template <typename scalar_t>
+void bwd_rows(const scalar_t* act, const at::opmath_type<scalar_t>* c_prev, const at::opmath_type<scalar_t>* c,
+              const scalar_t* dout, const scalar_t* dh_rec, at::opmath_type<scalar_t>* dc, scalar_t* da,
+              int64_t b0, int64_t b1, int64_t H) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t b = b0; b < b1; ++b) {
+    const scalar_t* ar = act + b * 4 * H;
+    const acc_t* cp = c_prev + b * H;
+    const acc_t* cr = c + b * H;
+    const scalar_t* gor = dout ? dout + b * H : nullptr;
+    const scalar_t* ghr = dh_rec + b * H;
+    acc_t* dcr = dc + b * H;
+    scalar_t* dar = da + b * 4 * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      const acc_t dh = acc_t(ghr[j]) + (gor ? acc_t(gor[j]) : acc_t(0));
+      const Bwd<acc_t> r(acc_t(ar[j]), acc_t(ar[H + j]), acc_t(ar[2 * H + j]), acc_t(ar[3 * H + j]), cp[j], cr[j],
+                         dh, dcr[j]);
+      dar[j] = scalar_t(r.di);
+      dar[H + j] = scalar_t(r.df);
+      dar[2 * H + j] = scalar_t(r.dg);
+      dar[3 * H + j] = scalar_t(r.do_);
+      dcr[j] = r.dc_prev;
+    }
+  }
+}
+
+}  // namespace
+
+void pointwise_fwd_cpu(at::Tensor& a, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& h) {
+  const int64_t B = a.size(0), H = c.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "lstm_pointwise_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* ap = a.data_ptr<scalar_t>();
+    const acc_t* cpp = c_prev.data_ptr<acc_t>();
+    acc_t* cp = c.data_ptr<acc_t>();
+    scalar_t* hp = h.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_rows(H), [&](int64_t b0, int64_t b1) { fwd_rows(ap, cpp, cp, hp, b0, b1, H); });
+  });
+}
+
+void pointwise_bwd_cpu(const at::Tensor& act, const at::Tensor& c_prev, const at::Tensor& c,
+                       const at::Tensor& dout, const at::Tensor& dh_rec, at::Tensor& dc, at::Tensor& da) {
+  const int64_t B = act.size(0), H = c.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, act.scalar_type(), "lstm_pointwise_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* ap = act.data_ptr<scalar_t>();
+    const acc_t* cpp = c_prev.data_ptr<acc_t>();
+    const acc_t* cp = c.data_ptr<acc_t>();
+    const scalar_t* gop = dout.defined() ? dout.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ghp = dh_rec.data_ptr<scalar_t>();
+    acc_t* dcp = dc.data_ptr<acc_t>();
+    scalar_t* dap = da.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_rows(H),
+                     [&](int64_t b0, int64_t b1) { bwd_rows(ap, cpp, cp, gop, ghp, dcp, dap, b0, b1, H); });
+  });
+}
+
+namespace {
+
+using PointwiseFwd = void (*)(at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&);
+using PointwiseBwd = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, at::Tensor&, at::Tensor&);
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_layer_args(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                      const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+                      const at::Tensor& h0, const at::Tensor& c0) {
+  TORCH_CHECK(x.dim() == 3, "lstm_layer: x must be [T, B, I], got ", x.sizes());
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
+  TORCH_CHECK(T > 0, "lstm_layer: x must have at least one step");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H, "lstm_layer: weight_hh must be [4H, H], got ",
+              w_hh.sizes());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == 4 * H && w_ih.size(1) == I, "lstm_layer: weight_ih must be [",
+              4 * H, ", ", I, "], got ", w_ih.sizes());
+  for (const auto* b : {&b_ih, &b_hh}) {
+    TORCH_CHECK(!b->has_value() || ((*b)->dim() == 1 && (*b)->size(0) == 4 * H), "lstm_layer: biases must be [",
+                4 * H, "]");
+  }
+  TORCH_CHECK(h0.sizes() == at::IntArrayRef({B, H}) && c0.sizes() == at::IntArrayRef({B, H}),
+              "lstm_layer: h0 and c0 must be [", B, ", ", H, "], got ", h0.sizes(), " and ", c0.sizes());
+  for (const at::Tensor* t : {&w_ih, &w_hh, &h0, &c0}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
+                "lstm_layer: all tensors must have x's dtype and device");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd(
+    PointwiseFwd pointwise, const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0_in,
+    const at::Tensor& c0_in, bool reverse) {
+  check_layer_args(x_in, w_ih, w_hh, b_ih, b_hh, h0_in, c0_in);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1), G = 4 * H;
+  const at::Tensor w_hh_t = w_hh.t();
+  // The input projection of every step in one GEMM; the combined bias rides along in addmm.
+  at::Tensor gates;  // [T, B, G]: preactivations, then (step by step) the activated gates
+  const at::Tensor x2 = x.view({T * B, I});
+  if (b_ih.has_value() || b_hh.has_value()) {
+    const at::Tensor bias = b_ih.has_value() && b_hh.has_value() ? *b_ih + *b_hh : (b_ih.has_value() ? *b_ih : *b_hh);
+    gates = at::addmm(bias, x2, w_ih.t()).view({T, B, G});
+  } else {
+    gates = at::mm(x2, w_ih.t()).view({T, B, G});
+  }
+  at::Tensor out = at::empty({T, B, H}, x.options());
+  at::Tensor cs = at::empty({T, B, H}, x.options().dtype(acc_type(x.scalar_type())));
+  at::Tensor h = h0_in.contiguous();
+  at::Tensor c = c0_in.to(acc_type(x.scalar_type())).contiguous();
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    at::Tensor a = gates[t];
+    a.addmm_(h, w_hh_t);  // the recurrent GEMM, accumulated into this step's input projection
+    at::Tensor c_t = cs[t], h_t = out[t];
+    pointwise(a, c, c_t, h_t);
+    h = h_t;
+    c = c_t;
+  }
+  // Outputs of an op may not alias each other: h_n and c_n are copies of the last step's rows.
+  return {out, h.clone(), c.to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true), gates, cs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_bwd(
+    PointwiseBwd pointwise, const c10::optional<at::Tensor>& dout_in, const c10::optional<at::Tensor>& dh_n,
+    const c10::optional<at::Tensor>& dc_n, const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& out, const at::Tensor& act, const at::Tensor& cs,
+    bool reverse) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1), G = 4 * H;
+  const auto acc = acc_type(x.scalar_type());
+  TORCH_CHECK(act.sizes() == at::IntArrayRef({T, B, G}) && cs.sizes() == at::IntArrayRef({T, B, H}) &&
+                  out.sizes() == at::IntArrayRef({T, B, H}),
+              "lstm_layer_bwd: saved tensors do not match x's shape");
+  const at::Tensor dout = dout_in.has_value() ? dout_in->contiguous() : at::Tensor();
+  at::Tensor dh = dh_n.has_value() ? dh_n->contiguous().clone() : at::zeros({B, H}, x.options());
+  at::Tensor dc = dc_n.has_value() ? dc_n->to(acc).contiguous().clone() : at::zeros({B, H}, x.options().dtype(acc));
+  const at::Tensor c0_acc = c0.to(acc).contiguous();
+  at::Tensor da = at::empty({T, B, G}, x.options());
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    const int64_t t_prev = reverse ? t + 1 : t - 1;  // the step processed before t
+    const at::Tensor c_prev = s == 0 ? c0_acc : cs[t_prev];
+    at::Tensor da_t = da[t];
+    pointwise(act[t], c_prev, cs[t], dout.defined() ? dout[t] : at::Tensor(), dh, dc, da_t);
+    dh = at::mm(da_t, w_hh);  // the gradient reaching h_{t_prev} through the recurrence
+  }
+  // h_prev[t]: the hidden state that step t read.
+  at::Tensor h_prev = reverse ? at::cat({out.slice(0, 1), h0.unsqueeze(0)})
+                               : at::cat({h0.unsqueeze(0), out.slice(0, 0, T - 1)});
+  const at::Tensor da2 = da.view({T * B, G});
+  at::Tensor dw_ih = at::mm(da2.t(), x.view({T * B, I}));
+  at::Tensor dw_hh = at::mm(da2.t(), h_prev.reshape({T * B, H}));
+  at::Tensor db = at::sum(da2, {0}, /*keepdim=*/false, acc).to(x.scalar_type());
+  at::Tensor dx = at::mm(da2, w_ih).view({T, B, I});
+  return {dx, dw_ih, dw_hh, db, dh, dc.to(x.scalar_type())};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, const at::Tensor& c0, bool reverse) {
+  return layer_fwd(pointwise_fwd_cpu, x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
+    const c10::optional<at::Tensor>& dout, const c10::optional<at::Tensor>& dh_n,
+    const c10::optional<at::Tensor>& dc_n, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& out, const at::Tensor& act, const at::Tensor& cs,
+    bool reverse) {
+  return layer_bwd(pointwise_bwd_cpu, dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, act, cs, reverse);
+}
+
+#ifdef LEGW_FUSED_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, const at::Tensor& c0, bool reverse) {
+  return layer_fwd(pointwise_fwd_cuda, x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
+    const c10::optional<at::Tensor>& dout, const c10::optional<at::Tensor>& dh_n,
+    const c10::optional<at::Tensor>& dc_n, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& out, const at::Tensor& act, const at::Tensor& cs,
+    bool reverse) {
+  return layer_bwd(pointwise_bwd_cuda, dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, act, cs, reverse);
+}
+#endif
+
+}  // namespace lstm
+}  // namespace legw_fused
+
+// The LSTM ops are a fragment of the legw_fused library (the optimizer ops are defined in legw_fused.cpp).
+TORCH_LIBRARY_FRAGMENT(legw_fused, m) {
+  // One layer, one direction. Returns (out [T,B,H], h_n [B,H], c_n [B,H], gates [T,B,4H] (activated, for
+  // backward), cs [T,B,H] (cell states in fp32/fp64, for backward)).
+  m.def(
+      "lstm_layer_fwd(Tensor x, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor h0, Tensor c0, "
+      "bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Its backward: gradients of out/h_n/c_n in (any may be absent), returns (dx, dw_ih, dw_hh, db, dh0, dc0);
+  // db is the gradient of both b_ih and b_hh.
+  m.def(
+      "lstm_layer_bwd(Tensor? dout, Tensor? dh_n, Tensor? dc_n, Tensor x, Tensor w_ih, Tensor w_hh, Tensor h0, "
+      "Tensor c0, Tensor out, Tensor gates, Tensor cs, bool reverse) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(legw_fused, CPU, m) {
+  m.impl("lstm_layer_fwd", &legw_fused::lstm::lstm_layer_fwd_cpu);
+  m.impl("lstm_layer_bwd", &legw_fused::lstm::lstm_layer_bwd_cpu);
+}
+
+#ifdef LEGW_FUSED_WITH_CUDA
+TORCH_LIBRARY_IMPL(legw_fused, CUDA, m) {
+  m.impl("lstm_layer_fwd", &legw_fused::lstm::lstm_layer_fwd_cuda);
+  m.impl("lstm_layer_bwd", &legw_fused::lstm::lstm_layer_bwd_cuda);
+}
+#endif

@@ -1,0 +1,110 @@
+"""Autograd and fake (meta) implementations of the compiled LSTM layer ops, and the layer functions of the fused
+backends. Shapes as in functional.py: T steps, B batch, I input, H hidden, G = 4H."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _ops
+
+_ACC = {torch.float64: torch.float64}  # cell states are carried in fp32, or fp64 for float64 runs
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return _ACC.get(dtype, torch.float32)
+
+
+if _ops._C is not None and hasattr(torch.ops.legw_fused, "lstm_layer_fwd"):
+    @torch.library.register_fake("legw_fused::lstm_layer_fwd")
+    def _fwd_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse):
+        T, B, _ = x.shape
+        H = w_hh.shape[1]
+        return (x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(T, B, 4 * H),
+                x.new_empty(T, B, H, dtype=_acc(x.dtype)))
+
+    @torch.library.register_fake("legw_fused::lstm_layer_bwd")
+    def _bwd_fake(dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, gates, cs, reverse):
+        return (torch.empty_like(x), torch.empty_like(w_ih), torch.empty_like(w_hh), x.new_empty(w_hh.shape[0]),
+                torch.empty_like(h0), torch.empty_like(c0))
+
+    def _setup_context(ctx, inputs, output):
+        x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse = inputs
+        out, _, _, gates, cs = output
+        ctx.save_for_backward(x, w_ih, w_hh, h0, c0, out, gates, cs)
+        ctx.reverse = reverse
+        ctx.bias = (b_ih is not None, b_hh is not None)
+        ctx.mark_non_differentiable(gates, cs)
+
+    def _backward(ctx, dout, dh_n, dc_n, _dgates, _dcs):
+        x, w_ih, w_hh, h0, c0, out, gates, cs = ctx.saved_tensors
+        dx, dw_ih, dw_hh, db, dh0, dc0 = torch.ops.legw_fused.lstm_layer_bwd(
+            dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, gates, cs, ctx.reverse)
+        return (dx, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, dh0, dc0, None)
+
+    torch.library.register_autograd("legw_fused::lstm_layer_fwd", _backward, setup_context=_setup_context)
+
+
+def compiled_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+                   b_hh: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer, one direction, on the C++ CPU or CUDA op (same signature as functional.lstm_layer_reference)."""
+    out, h_n, c_n, _, _ = torch.ops.legw_fused.lstm_layer_fwd(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse)
+    return out, h_n, c_n
+
+
+def _input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
+    """x·W_ihᵀ + b_ih + b_hh for all T steps in one GEMM: [T, B, G], contiguous."""
+    T, B, I = x.shape
+    x2 = x.reshape(T * B, I)
+    biases = [b for b in (b_ih, b_hh) if b is not None]
+    if biases:
+        gates = torch.addmm(biases[0] + biases[1] if len(biases) == 2 else biases[0], x2, w_ih.t())
+    else:
+        gates = x2 @ w_ih.t()
+    return gates.view(T, B, -1)
+
+
+def _weight_grads(da: Tensor, x: Tensor, w_ih: Tensor, h0: Tensor, out: Tensor, reverse: bool):
+    """The large GEMMs after the time loop: dx, dW_ih, dW_hh, db from dA [T, B, G]."""
+    T, B, G = da.shape
+    # h_prev[t]: the hidden state step t read.
+    h_prev = torch.cat([out[1:], h0[None]]) if reverse else torch.cat([h0[None], out[:-1]])
+    da2 = da.view(T * B, G)
+    dw_ih = da2.t() @ x.reshape(T * B, -1)
+    dw_hh = da2.t() @ h_prev.reshape(T * B, -1)
+    db = da2.sum(0, dtype=torch.float32 if da.dtype != torch.float64 else torch.float64).to(da.dtype)
+    dx = (da2 @ w_ih).view(T, B, -1)
+    return dx, dw_ih, dw_hh, db
+
+
+class _TritonLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+        from legw_fused.kernels import lstm as K  # imported on first use: triton's import is slow
+
+        x = x.contiguous()
+        w_hh = w_hh.contiguous()
+        gates = _input_projection(x, w_ih, b_ih, b_hh)
+        c0_acc = c0.float().contiguous()
+        out, cs = K.layer_forward(gates, w_hh, h0.contiguous(), c0_acc, reverse)
+        last = 0 if reverse else x.shape[0] - 1
+        ctx.save_for_backward(x, w_ih, w_hh, h0, c0_acc, out, gates, cs)
+        ctx.reverse = reverse
+        ctx.bias = (b_ih is not None, b_hh is not None)
+        return out, out[last].clone(), cs[last].to(x.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, dout, dh_n, dc_n):
+        from legw_fused.kernels import lstm as K
+
+        x, w_ih, w_hh, h0, c0_acc, out, gates, cs = ctx.saved_tensors
+        da, dh0, dc0 = K.layer_backward(gates, cs, c0_acc, dout.contiguous(), dh_n, dc_n, w_hh, ctx.reverse)
+        dx, dw_ih, dw_hh, db = _weight_grads(da, x, w_ih, h0, out, ctx.reverse)
+        return (dx, dh0.to(h0.dtype), dc0.to(h0.dtype), dw_ih, dw_hh, db if ctx.bias[0] else None,
+                db if ctx.bias[1] else None, None)
+
+
+def triton_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+                 b_hh: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer, one direction, on the Triton kernels (same signature as functional.lstm_layer_reference)."""
+    return _TritonLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)

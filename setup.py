@@ -55,7 +55,9 @@ def build_extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -fno-trapping-math: no code here reads floating-point exception flags; without it GCC keeps the LSTM's
+    # polynomial exp (a float->int conversion, a division) in scalar code ("control flow in loop").
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
     kwargs = dict(name="legw_fused._C", include_dirs=[str(ROOT / "csrc")], extra_link_args=["-fopenmp"])
     if with_cuda:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))

@@ -12,6 +12,7 @@
 // carried in fp32 across steps too); x, h0, c0 and the output are the caller's tensors.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -24,75 +25,61 @@ namespace lstm {
 
 namespace {
 
-// Rows per parallel task: ~16K elements of work each, so small batches do not pay thread start-up per step.
-int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(H, 1)); }
+// Rows per parallel task: ~4K elements (each a few dozen vector instructions), so that a batch of 128 already
+// keeps two cores busy while tiny steps do not pay thread start-up.
+int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, (1 << 12) / std::max<int64_t>(H, 1)); }
 
-template <typename scalar_t>
-void fwd_rows(scalar_t* a, const at::opmath_type<scalar_t>* c_prev, at::opmath_type<scalar_t>* c, scalar_t* h,
-              int64_t b0, int64_t b1, int64_t H) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t b = b0; b < b1; ++b) {
-    scalar_t* ar = a + b * 4 * H;
-    const acc_t* cp = c_prev + b * H;
-    acc_t* cr = c + b * H;
-    scalar_t* hr = h + b * H;
-#pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      const Fwd<acc_t> r(acc_t(ar[j]), acc_t(ar[H + j]), acc_t(ar[2 * H + j]), acc_t(ar[3 * H + j]), cp[j]);
-      ar[j] = scalar_t(r.i);
-      ar[H + j] = scalar_t(r.f);
-      ar[2 * H + j] = scalar_t(r.g);
-      ar[3 * H + j] = scalar_t(r.o);
-      cr[j] = r.c;
-      hr[j] = scalar_t(r.h);
-    }
-  }
-}
+namespace base {
+#include "lstm_rows.inc"
+}  // namespace base
 
-template <typename scalar_t>
-void bwd_rows(const scalar_t* act, const at::opmath_type<scalar_t>* c_prev, const at::opmath_type<scalar_t>* c,
-              const scalar_t* dout, const scalar_t* dh_rec, at::opmath_type<scalar_t>* dc, scalar_t* da,
-              int64_t b0, int64_t b1, int64_t H) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t b = b0; b < b1; ++b) {
-    const scalar_t* ar = act + b * 4 * H;
-    const acc_t* cp = c_prev + b * H;
-    const acc_t* cr = c + b * H;
-    const scalar_t* gor = dout ? dout + b * H : nullptr;
-    const scalar_t* ghr = dh_rec + b * H;
-    acc_t* dcr = dc + b * H;
-    scalar_t* dar = da + b * 4 * H;
-#pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      const acc_t dh = acc_t(ghr[j]) + (gor ? acc_t(gor[j]) : acc_t(0));
-      const Bwd<acc_t> r(acc_t(ar[j]), acc_t(ar[H + j]), acc_t(ar[2 * H + j]), acc_t(ar[3 * H + j]), cp[j], cr[j],
-                         dh, dcr[j]);
-      dar[j] = scalar_t(r.di);
-      dar[H + j] = scalar_t(r.df);
-      dar[2 * H + j] = scalar_t(r.dg);
-      dar[3 * H + j] = scalar_t(r.do_);
-      dcr[j] = r.dc_prev;
-    }
-  }
+// The same loops for CPUs with AVX2 + FMA (8-wide instead of SSE2's 4-wide; the build targets baseline x86-64 so
+// that the wheel runs anywhere). The polynomial exp in lstm.h is what makes these loops vectorisable at all.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define LEGW_FUSED_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "lstm_rows.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+bool has_avx2() {
+#ifdef LEGW_FUSED_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
 }
 
 }  // namespace
 
-void pointwise_fwd_cpu(at::Tensor& a, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& h) {
+void pointwise_fwd_cpu(at::Tensor& a, const at::Tensor& bias, const at::Tensor& c_prev, at::Tensor& c,
+                       at::Tensor& h) {
   const int64_t B = a.size(0), H = c.size(1);
+  const bool wide = has_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "lstm_pointwise_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* ap = a.data_ptr<scalar_t>();
+    const acc_t* bp = bias.data_ptr<acc_t>();
     const acc_t* cpp = c_prev.data_ptr<acc_t>();
     acc_t* cp = c.data_ptr<acc_t>();
     scalar_t* hp = h.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_rows(H), [&](int64_t b0, int64_t b1) { fwd_rows(ap, cpp, cp, hp, b0, b1, H); });
+    at::parallel_for(0, B, grain_rows(H), [&](int64_t b0, int64_t b1) {
+#ifdef LEGW_FUSED_AVX2
+      if (wide) return avx2::fwd_rows(ap, bp, cpp, cp, hp, b0, b1, H);
+#endif
+      base::fwd_rows(ap, bp, cpp, cp, hp, b0, b1, H);
+    });
   });
 }
 
 void pointwise_bwd_cpu(const at::Tensor& act, const at::Tensor& c_prev, const at::Tensor& c,
                        const at::Tensor& dout, const at::Tensor& dh_rec, at::Tensor& dc, at::Tensor& da) {
   const int64_t B = act.size(0), H = c.size(1);
+  const bool wide = has_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, act.scalar_type(), "lstm_pointwise_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* ap = act.data_ptr<scalar_t>();
@@ -102,18 +89,45 @@ void pointwise_bwd_cpu(const at::Tensor& act, const at::Tensor& c_prev, const at
     const scalar_t* ghp = dh_rec.data_ptr<scalar_t>();
     acc_t* dcp = dc.data_ptr<acc_t>();
     scalar_t* dap = da.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_rows(H),
-                     [&](int64_t b0, int64_t b1) { bwd_rows(ap, cpp, cp, gop, ghp, dcp, dap, b0, b1, H); });
+    at::parallel_for(0, B, grain_rows(H), [&](int64_t b0, int64_t b1) {
+#ifdef LEGW_FUSED_AVX2
+      if (wide) return avx2::bwd_rows(ap, cpp, cp, gop, ghp, dcp, dap, b0, b1, H);
+#endif
+      base::bwd_rows(ap, cpp, cp, gop, ghp, dcp, dap, b0, b1, H);
+    });
   });
 }
 
 namespace {
 
-using PointwiseFwd = void (*)(at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&);
+using PointwiseFwd = void (*)(at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&);
 using PointwiseBwd = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, at::Tensor&, at::Tensor&);
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Runs fn(b0, n) over batch row slices [b0, b0 + n). On the CPU, one slice per thread, each running its whole time
+// loop with single-threaded GEMMs (ATen's nested parallel regions run inline): a step's GEMM of a few hundred rows
+// splits badly over threads and would pay two thread hand-offs per step, while the slices need no synchronisation
+// at all. On CUDA one slice: the GPU parallelises each step's kernels.
+template <typename F>
+void for_batch_slices(const at::Tensor& like, int64_t B, const F& fn) {
+  constexpr int64_t kMinRows = 32;  // below this a GEMM per slice is mostly overhead
+  const int64_t slices =
+      like.is_cpu() ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / kMinRows)) : 1;
+  if (slices <= 1 || B == 0) {
+    fn(0, B);
+    return;
+  }
+  at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+    // Worker threads do not inherit the caller's dispatch state: run below autograd, as the op itself does.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t sl = s0; sl < s1; ++sl) {
+      const int64_t b0 = B * sl / slices, b1 = B * (sl + 1) / slices;
+      fn(b0, b1 - b0);
+    }
+  });
+}
 
 void check_layer_args(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
                       const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
@@ -145,28 +159,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
   const at::Tensor x = x_in.contiguous();
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1), G = 4 * H;
   const at::Tensor w_hh_t = w_hh.t();
-  // The input projection of every step in one GEMM; the combined bias rides along in addmm.
-  at::Tensor gates;  // [T, B, G]: preactivations, then (step by step) the activated gates
-  const at::Tensor x2 = x.view({T * B, I});
-  if (b_ih.has_value() || b_hh.has_value()) {
-    const at::Tensor bias = b_ih.has_value() && b_hh.has_value() ? *b_ih + *b_hh : (b_ih.has_value() ? *b_ih : *b_hh);
-    gates = at::addmm(bias, x2, w_ih.t()).view({T, B, G});
-  } else {
-    gates = at::mm(x2, w_ih.t()).view({T, B, G});
-  }
+  // The input projection of every step in one GEMM [T, B, G]: preactivations, then (step by step) the activated
+  // gates. The combined bias (fp32) is added by the pointwise kernel, which reads every preactivation anyway: an
+  // addmm would first broadcast it over the whole [T, B, G] output, one more pass over memory.
+  at::Tensor gates = at::mm(x.view({T * B, I}), w_ih.t()).view({T, B, G});
+  const auto acc = acc_type(x.scalar_type());
+  at::Tensor bias = at::zeros({G}, x.options().dtype(acc));
+  if (b_ih.has_value()) bias.add_(*b_ih);
+  if (b_hh.has_value()) bias.add_(*b_hh);
   at::Tensor out = at::empty({T, B, H}, x.options());
-  at::Tensor cs = at::empty({T, B, H}, x.options().dtype(acc_type(x.scalar_type())));
-  at::Tensor h = h0_in.contiguous();
-  at::Tensor c = c0_in.to(acc_type(x.scalar_type())).contiguous();
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = reverse ? T - 1 - s : s;
-    at::Tensor a = gates[t];
-    a.addmm_(h, w_hh_t);  // the recurrent GEMM, accumulated into this step's input projection
-    at::Tensor c_t = cs[t], h_t = out[t];
-    pointwise(a, c, c_t, h_t);
-    h = h_t;
-    c = c_t;
-  }
+  at::Tensor cs = at::empty({T, B, H}, x.options().dtype(acc));
+  const at::Tensor h0 = h0_in.contiguous();
+  const at::Tensor c0 = c0_in.to(acc).contiguous();
+  // The whole time loop for batch rows [b0, b1): rows never interact, so each slice runs on its own.
+  for_batch_slices(x, B, [&](int64_t b0, int64_t n) {
+    at::Tensor h = h0.narrow(0, b0, n), c = c0.narrow(0, b0, n);
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? T - 1 - s : s;
+      at::Tensor a = gates[t].narrow(0, b0, n);
+      a.addmm_(h, w_hh_t);  // the recurrent GEMM, accumulated into this step's input projection
+      at::Tensor c_t = cs[t].narrow(0, b0, n), h_t = out[t].narrow(0, b0, n);
+      pointwise(a, bias, c, c_t, h_t);
+      h = h_t;
+      c = c_t;
+    }
+  });
+  const int64_t last = reverse ? 0 : T - 1;
+  const at::Tensor h = out[last], c = cs[last];
   // Outputs of an op may not alias each other: h_n and c_n are copies of the last step's rows.
   return {out, h.clone(), c.to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true), gates, cs};
 }
@@ -187,14 +206,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dc = dc_n.has_value() ? dc_n->to(acc).contiguous().clone() : at::zeros({B, H}, x.options().dtype(acc));
   const at::Tensor c0_acc = c0.to(acc).contiguous();
   at::Tensor da = at::empty({T, B, G}, x.options());
-  for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t t = reverse ? T - 1 - s : s;
-    const int64_t t_prev = reverse ? t + 1 : t - 1;  // the step processed before t
-    const at::Tensor c_prev = s == 0 ? c0_acc : cs[t_prev];
-    at::Tensor da_t = da[t];
-    pointwise(act[t], c_prev, cs[t], dout.defined() ? dout[t] : at::Tensor(), dh, dc, da_t);
-    dh = at::mm(da_t, w_hh);  // the gradient reaching h_{t_prev} through the recurrence
-  }
+  for_batch_slices(x, B, [&](int64_t b0, int64_t n) {
+    at::Tensor dh_s = dh.narrow(0, b0, n), dc_s = dc.narrow(0, b0, n);
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = reverse ? T - 1 - s : s;
+      const int64_t t_prev = reverse ? t + 1 : t - 1;  // the step processed before t
+      const at::Tensor c_prev = (s == 0 ? c0_acc : cs[t_prev]).narrow(0, b0, n);
+      at::Tensor da_t = da[t].narrow(0, b0, n);
+      pointwise(act[t].narrow(0, b0, n), c_prev, cs[t].narrow(0, b0, n),
+                dout.defined() ? dout[t].narrow(0, b0, n) : at::Tensor(), dh_s, dc_s, da_t);
+      // The gradient reaching h_{t_prev} through the recurrence, written into this slice's rows of dh.
+      at::mm_out(dh_s, da_t, w_hh);
+    }
+  });
   // h_prev[t]: the hidden state that step t read.
   at::Tensor h_prev = reverse ? at::cat({out.slice(0, 1), h0.unsqueeze(0)})
                                : at::cat({h0.unsqueeze(0), out.slice(0, 0, T - 1)});

@@ -22,7 +22,8 @@ namespace lstm {
 // (Cody–Waite), then a degree-6 Taylor/minimax polynomial for e^r (the classical Cephes coefficients; relative
 // error about 2e-7, i.e. 1–2 ulp) and 2^n put into the exponent bits.
 LEGW_HD float exp_approx(float x) {
-  x = fminf(fmaxf(x, -87.3f), 88.3f);
+  // Clamped with comparisons, not fminf/fmaxf: those are library calls that stop vectorisation (NaN rules).
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
   // round(x / ln2) by the 1.5·2^23 trick: exact round-to-nearest without a floor instruction.
   const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -94,15 +95,18 @@ struct Bwd {
 };
 
 // Device kernels of one step (CPU in lstm.cpp, CUDA in cuda/lstm.cu). All tensors are contiguous rows.
-//   fwd: a [B,G] preactivations in, overwritten with the activated gates (saved for backward); c_prev [B,H] (acc
-//        type) in; c [B,H] (acc) and h [B,H] (param dtype) out.
+//   fwd: a [B,G] preactivations in (without bias), overwritten with the activated gates (saved for backward);
+//        bias [G] (acc type; zeros without biases) added in fp32; c_prev [B,H] (acc type) in; c [B,H] (acc) and
+//        h [B,H] (param dtype) out.
 //   bwd: act [B,G], c_prev, c [B,H] (acc); dout [B,H] (may be undefined) + dh_rec [B,H] = the gradient reaching h;
 //        dc [B,H] (acc) in: from the next step, out: to c_prev; da [B,G] out (param dtype).
-void pointwise_fwd_cpu(at::Tensor& a, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& h);
+void pointwise_fwd_cpu(at::Tensor& a, const at::Tensor& bias, const at::Tensor& c_prev, at::Tensor& c,
+                       at::Tensor& h);
 void pointwise_bwd_cpu(const at::Tensor& act, const at::Tensor& c_prev, const at::Tensor& c,
                        const at::Tensor& dout, const at::Tensor& dh_rec, at::Tensor& dc, at::Tensor& da);
 #ifdef LEGW_FUSED_WITH_CUDA
-void pointwise_fwd_cuda(at::Tensor& a, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& h);
+void pointwise_fwd_cuda(at::Tensor& a, const at::Tensor& bias, const at::Tensor& c_prev, at::Tensor& c,
+                        at::Tensor& h);
 void pointwise_bwd_cuda(const at::Tensor& act, const at::Tensor& c_prev, const at::Tensor& c,
                         const at::Tensor& dout, const at::Tensor& dh_rec, at::Tensor& dc, at::Tensor& da);
 #endif

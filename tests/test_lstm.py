@@ -89,6 +89,20 @@ def _check_against_torch(lstm_backend, case, dtype):
         _close(f"d {name}", p.grad, q.grad, gtol)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpp_batch_slices(threads):
+    """The CPU op runs each thread's batch rows through the whole time loop on their own (B >= 32 rows a slice):
+    uneven slices (70 rows over 3 threads) must give torch's results, forward and backward, both directions."""
+    if LSTM_BACKENDS["cpp"].unavailable_reason("cpu") is not None:
+        pytest.skip(LSTM_BACKENDS["cpp"].unavailable_reason("cpu"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_against_torch("cpp", (4, 70, 6, 9, 1, True, False, True), torch.float32)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per-step"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_both_kernels(monkeypatch, persistent, dtype):

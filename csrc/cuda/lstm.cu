@@ -17,13 +17,15 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename scalar_t, typename acc_t>
-__global__ void fwd_kernel(scalar_t* __restrict__ a, const acc_t* __restrict__ c_prev, acc_t* __restrict__ c,
-                           scalar_t* __restrict__ h, int64_t B, int64_t H) {
+__global__ void fwd_kernel(scalar_t* __restrict__ a, const acc_t* __restrict__ bias,
+                           const acc_t* __restrict__ c_prev, acc_t* __restrict__ c, scalar_t* __restrict__ h,
+                           int64_t B, int64_t H) {
   const int64_t n = B * H;
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = k / H, j = k - b * H;
     scalar_t* ar = a + b * 4 * H;
-    const Fwd<acc_t> r(acc_t(ar[j]), acc_t(ar[H + j]), acc_t(ar[2 * H + j]), acc_t(ar[3 * H + j]), c_prev[k]);
+    const Fwd<acc_t> r(acc_t(ar[j]) + bias[j], acc_t(ar[H + j]) + bias[H + j], acc_t(ar[2 * H + j]) + bias[2 * H + j],
+                       acc_t(ar[3 * H + j]) + bias[3 * H + j], c_prev[k]);
     ar[j] = scalar_t(r.i);
     ar[H + j] = scalar_t(r.f);
     ar[2 * H + j] = scalar_t(r.g);
@@ -61,7 +63,8 @@ unsigned blocks_for(int64_t n) {
 
 }  // namespace
 
-void pointwise_fwd_cuda(at::Tensor& a, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& h) {
+void pointwise_fwd_cuda(at::Tensor& a, const at::Tensor& bias, const at::Tensor& c_prev, at::Tensor& c,
+                        at::Tensor& h) {
   const int64_t B = a.size(0), H = c.size(1);
   if (B * H == 0) return;
   const c10::cuda::CUDAGuard guard(a.device());
@@ -69,7 +72,8 @@ void pointwise_fwd_cuda(at::Tensor& a, const at::Tensor& c_prev, at::Tensor& c, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "lstm_pointwise_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     fwd_kernel<scalar_t, acc_t><<<blocks_for(B * H), kThreads, 0, stream>>>(
-        a.data_ptr<scalar_t>(), c_prev.data_ptr<acc_t>(), c.data_ptr<acc_t>(), h.data_ptr<scalar_t>(), B, H);
+        a.data_ptr<scalar_t>(), bias.data_ptr<acc_t>(), c_prev.data_ptr<acc_t>(),
+        c.data_ptr<acc_t>(), h.data_ptr<scalar_t>(), B, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

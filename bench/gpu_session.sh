@@ -33,3 +33,4 @@ $PY -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 
 echo "== benchmarks"
 $PY -m legw_fused.bench.optimizer --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30
+$PY -m legw_fused.bench.lstm --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-lstm.log" | tail -60

@@ -31,18 +31,19 @@ def lstm_backend(request):
 
 
 def _close(name, got, want, tol):
-    got, want = got.float(), want.float()
+    got, want = got.float().cpu(), want.float()
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
     err = (got - want).abs().max().item() if want.numel() else 0.0
     assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:g} x {scale:.3g}"
 
 
-def _pair(cls_ours, cls_torch, *args, dtype=torch.float32, backend="auto", **kwargs):
-    """Our module in ``dtype`` and torch's in float32 with the same (dtype-rounded) weights."""
-    ours = cls_ours(*args, **kwargs, dtype=dtype, backend=backend)
+def _pair(cls_ours, cls_torch, *args, dtype=torch.float32, backend="auto", device="cpu", **kwargs):
+    """Our module in ``dtype`` on ``device`` and torch's in float32 on the CPU with the same (dtype-rounded)
+    weights (the oracle stays on the CPU: cuDNN may use TF32)."""
+    ours = cls_ours(*args, **kwargs, dtype=dtype, backend=backend, device=device)
     ref = cls_torch(*args, **kwargs)
-    ref.load_state_dict({k: v.float() for k, v in ours.state_dict().items()})
+    ref.load_state_dict({k: v.float().cpu() for k, v in ours.state_dict().items()})
     return ours, ref
 
 
@@ -63,15 +64,16 @@ def test_lstm_matches_torch(lstm_backend, case, dtype):
     _check_against_torch(lstm_backend, case, dtype)
 
 
-def _check_against_torch(lstm_backend, case, dtype):
+def _check_against_torch(lstm_backend, case, dtype, device="cpu"):
     T, B, I, H, L, bi, bf, bias = case
     torch.manual_seed(0)
-    ours, ref = _pair(legw_fused.LSTM, nn.LSTM, I, H, L, bias, bf, 0.0, bi, dtype=dtype, backend=lstm_backend)
+    ours, ref = _pair(legw_fused.LSTM, nn.LSTM, I, H, L, bias, bf, 0.0, bi, dtype=dtype, backend=lstm_backend,
+                      device=device)
     D = 2 if bi else 1
     x = torch.randn((B, T, I) if bf else (T, B, I)).to(dtype)
     h0 = (0.5 * torch.randn(L * D, B, H)).to(dtype)
     c0 = torch.randn(L * D, B, H).to(dtype)
-    xs = [t.clone().requires_grad_() for t in (x, h0, c0)]
+    xs = [t.to(device, copy=True).requires_grad_() for t in (x, h0, c0)]
     xr = [t.float().clone().requires_grad_() for t in (x, h0, c0)]
     out, (h_n, c_n) = ours(xs[0], (xs[1], xs[2]))
     rout, (rh, rc) = ref(xr[0], (xr[1], xr[2]))
@@ -81,7 +83,7 @@ def _check_against_torch(lstm_backend, case, dtype):
         _close(name, a, b, ftol)
     # One backward through all three outputs, with random cotangents.
     cot = [torch.randn_like(t, dtype=torch.float32) for t in (rout, rh, rc)]
-    torch.autograd.backward([out, h_n, c_n], [c.to(dtype) for c in cot])
+    torch.autograd.backward([out, h_n, c_n], [c.to(device, dtype) for c in cot])
     torch.autograd.backward([rout, rh, rc], cot)
     for name, a, b in zip(("d input", "d h0", "d c0"), xs, xr):
         _close(name, a.grad, b.grad, gtol)

@@ -1,0 +1,54 @@
+"""GPU tests of legw_fused.LSTM: the cuda and triton backends against torch.nn.LSTM (float32, on the CPU: cuDNN
+may use TF32) with the same weights, forward and every gradient. Skipped without a CUDA device."""
+
+import pytest
+import torch
+from test_lstm import LAYER_CASES, TOL, _check_against_torch, _close
+
+import legw_fused
+from legw_fused.lstm_backends import LSTM_BACKENDS
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+def require(name):
+    reason = LSTM_BACKENDS[name].unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(f"LSTM backend {name!r} unavailable: {reason}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", LAYER_CASES + [(6, 300, 16, 128, 1, True, False, True),
+                                                (3, 33, 32, 650, 2, False, True, True)])
+def test_matches_torch_on_gpu(backend, dtype, case):
+    require(backend)
+    _check_against_torch(backend, case, dtype, device="cuda")
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per-step"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_both_kernels_on_gpu(monkeypatch, persistent, dtype):
+    require("triton")
+    from legw_fused.kernels import lstm as K
+
+    monkeypatch.setattr(K, "PERSISTENT_MAX_H", 256 if persistent else 0)
+    for H in (37, 128, 256):
+        _check_against_torch("triton", (5, 70, 24, H, 1, True, False, True), dtype, device="cuda")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_large_batch_forward(backend):
+    """MNIST-LSTM at B = 8192: many programs / rows per launch."""
+    require(backend)
+    torch.manual_seed(0)
+    ours = legw_fused.LSTM(28, 128, batch_first=True, device="cuda", backend=backend)
+    ref = torch.nn.LSTM(28, 128, batch_first=True)
+    ref.load_state_dict({k: v.cpu() for k, v in ours.state_dict().items()})
+    x = torch.randn(8192, 28, 28)
+    with torch.no_grad():
+        out, (h, c) = ours(x.cuda())
+        rout, (rh, rc) = ref(x)
+    for name, a, b in (("output", out, rout), ("h_n", h, rh), ("c_n", c, rc)):
+        _close(name, a, b, TOL[torch.float32][0])

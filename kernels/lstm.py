@@ -99,12 +99,13 @@ def _lstm_fwd_persistent(gates_ptr, w_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, T, B
     c = tl.load(c0_ptr + hc, mask=m2, other=0.0)
     G = 4 * H
     gc = rows[:, None] * G + cols[None, :]
+    # Offsets of step t are formed in int64: T·B·4H can pass 2^31 (e.g. T 1024, B 1024, H 1024).
     for s in range(0, T):
         if REVERSE:
             t = T - 1 - s
         else:
             t = s
-        a = gates_ptr + t * B * G + gc
+        a = gates_ptr + t.to(tl.int64) * B * G + gc
         ai = tl.load(a, mask=m2, other=0.0).to(tl.float32) + _dot(h, w_i, PREC)
         af = tl.load(a + H, mask=m2, other=0.0).to(tl.float32) + _dot(h, w_f, PREC)
         ag = tl.load(a + 2 * H, mask=m2, other=0.0).to(tl.float32) + _dot(h, w_g, PREC)
@@ -114,9 +115,9 @@ def _lstm_fwd_persistent(gates_ptr, w_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, T, B
         tl.store(a + H, _cast(f, DTYPE), mask=m2)
         tl.store(a + 2 * H, _cast(g, DTYPE), mask=m2)
         tl.store(a + 3 * H, _cast(o, DTYPE), mask=m2)
-        tl.store(cs_ptr + t * B * H + hc, c, mask=m2)
+        tl.store(cs_ptr + t.to(tl.int64) * B * H + hc, c, mask=m2)
         h = _cast(h32, DTYPE)
-        tl.store(out_ptr + t * B * H + hc, h, mask=m2)
+        tl.store(out_ptr + t.to(tl.int64) * B * H + hc, h, mask=m2)
 
 
 @triton.jit
@@ -149,17 +150,17 @@ def _lstm_bwd_persistent(gates_ptr, cs_ptr, c0_ptr, dout_ptr, dhn_ptr, dcn_ptr, 
         else:
             t = T - 1 - s
             t_prev = t - 1
-        c_prev = tl.load(cs_ptr + t_prev * B * H + hc, mask=m2 & (s < T - 1), other=0.0) + \
+        c_prev = tl.load(cs_ptr + t_prev.to(tl.int64) * B * H + hc, mask=m2 & (s < T - 1), other=0.0) + \
             tl.load(c0_ptr + hc, mask=m2 & (s == T - 1), other=0.0).to(tl.float32)
-        a = gates_ptr + t * B * G + gc
+        a = gates_ptr + t.to(tl.int64) * B * G + gc
         i = tl.load(a, mask=m2, other=0.0).to(tl.float32)
         f = tl.load(a + H, mask=m2, other=0.0).to(tl.float32)
         g = tl.load(a + 2 * H, mask=m2, other=0.0).to(tl.float32)
         o = tl.load(a + 3 * H, mask=m2, other=0.0).to(tl.float32)
-        c = tl.load(cs_ptr + t * B * H + hc, mask=m2, other=0.0)
-        dh += tl.load(dout_ptr + t * B * H + hc, mask=m2, other=0.0).to(tl.float32)
+        c = tl.load(cs_ptr + t.to(tl.int64) * B * H + hc, mask=m2, other=0.0)
+        dh += tl.load(dout_ptr + t.to(tl.int64) * B * H + hc, mask=m2, other=0.0).to(tl.float32)
         di, df, dg, do, dc = _bwd_epilogue(i, f, g, o, c_prev, c, dh, dc)
-        d = da_ptr + t * B * G + gc
+        d = da_ptr + t.to(tl.int64) * B * G + gc
         di = _cast(di, DTYPE)
         df = _cast(df, DTYPE)
         dg = _cast(dg, DTYPE)

@@ -4,8 +4,10 @@
   ``LEGWScheduler`` drives any torch optimizer by it.
 - ``SGD`` / ``LARS``: drop-in ``torch.optim`` optimizers taking ``lr=LEGW(...)``, evaluated on the device.
 - ``backend_info()``: which step backends can run here, and why not.
+- ``distributed.global_batch_size()``: the LEGW batch size under torch.distributed (ranks x per-rank batch).
 """
 
+from . import distributed
 from .backends import backend_info
 from .optim import LARS, SGD, param_groups
 from .schedule import LEGW, LEGWScheduler

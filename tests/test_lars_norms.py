@@ -312,3 +312,27 @@ def test_cuda_norm_kernels_were_compiled_when_forced():
     for op in ("fused_step_", "sum_squares"):
         assert _ops.has_kernel(op, "CUDA") and _ops.has_kernel(op, "CPU"), op
     assert legw_fused.backend_info()["extension"]["ops"]["sum_squares"] == ["CPU", "CUDA"]
+
+
+@pytest.mark.parametrize("backend", CACHING)
+def test_params_joining_late_split_the_call_and_keep_the_cache_right(backend):
+    """A param whose gradient starts later starts its momentum while the others continue theirs: the step is two
+    kernel calls on slices of the cache, which must come back whole."""
+    require_backend(backend)
+    ours_p, ref_p = make_set(sizes_for(backend), copies=2)
+    ours = LARS(ours_p, lr=SCHED, backend=backend, **CFG)
+    ref = LARS(ref_p, lr=SCHED, backend="torch", cache_norms=False, **CFG)
+    gen = torch.Generator().manual_seed(10)
+    for t in range(5):
+        set_grads([ours_p, ref_p], gen)
+        if t < 2:
+            for params in (ours_p, ref_p):
+                params[1].grad = params[4].grad = None
+        ours.step()
+        ref.step()
+        for a, c in zip(ours_p, ref_p):
+            assert_close_to_reference(a.detach(), c.detach(), torch.float32, msg=lambda m: f"step {t}: {m}")
+        entry = cache_of(ours)
+        live = [p for p in ours_p if p.grad is not None]
+        torch.testing.assert_close(entry["partials"].double(), chunk_sums(live, backends.BACKENDS[backend].norm_chunk),
+                                   rtol=2e-6, atol=1e-6)

@@ -7,7 +7,8 @@ Every provider runs one full optimizer step per call on the same parameter set, 
 ours evaluate it on the device from the step count; torch/timm get it through a LambdaLR stepped every iteration.
 Reported per provider: median time per step; effective bandwidth at the bytes a step *must* move (SGD 20 B,
 LARS 24 B per fp32 element: read p, g, m and write p, m, plus one more read of g for its norm), as % of a copy and
-of an add_ pass measured in the same run; speedup over the baseline (torch foreach SGD / timm Lars). JSON and
+of an add_ pass measured in the same run; speedup over the baseline (torch foreach SGD / timm Lars). LARS runs
+with the |p|^2 cache (default) and without it. JSON and
 Markdown go to bench/results/ with device, versions and commit.
 """
 
@@ -87,9 +88,13 @@ def providers(device: torch.device):
             print(f"skip bitsandbytes LARS: {exc}")
     for name, b in legw_fused.backends.BACKENDS.items():
         if b.unavailable_reason(device.type, torch.float32) is None:
-            out.append((f"legw_fused.LARS [{name}]", "lars",
-                        lambda ps, name=name: legw_fused.LARS(ps, lr=schedule(), trust_coefficient=1e-3,
-                                                              backend=name, **HP).step))
+            # The default keeps the |p|^2 cache (the norm pass reads only g); the uncached variant is the 28 B path.
+            variants = [("", True)] + ([(", no norm cache", False)] if b.norm_chunk is not None else [])
+            for suffix, cache in variants:
+                out.append((f"legw_fused.LARS [{name}{suffix}]", "lars",
+                            lambda ps, name=name, cache=cache: legw_fused.LARS(
+                                ps, lr=schedule(), trust_coefficient=1e-3, backend=name, cache_norms=cache,
+                                **HP).step))
     return out
 
 

@@ -1,11 +1,13 @@
-// CPU implementation of legw_fused::fused_step_: the whole SGD/LARS step for a list of tensors in one call.
+// CPU implementation of legw_fused::fused_step_ and legw_fused::sum_squares: the whole SGD/LARS step for a list of
+// tensors in one call.
 //
 // Work is cut into fixed chunks of at most kChunk elements of one tensor. Threads (at::parallel_for, OpenMP) get
 // equal shares of all elements, not of chunks: a model's tensors range from 1 to millions of elements, and an
 // even split by chunk count left one of two threads with 80% of the work. SGD is one pass: read p, g, buf; write
 // p, buf (20 bytes per fp32 element). LARS reduces |p|^2 and |g|^2 per chunk and sums each tensor's chunk
 // partials in chunk order, so the result does not depend on the number of threads (bitwise repeatable); it works
-// through cache-sized groups of tensors (see kCacheGroup).
+// through cache-sized groups of tensors (see kCacheGroup). With the |p|^2 cache (param_sq_partials) the update
+// pass also sums the squares of what it stores, so the next step's norm pass reads only g.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -26,7 +28,7 @@ namespace legw_fused {
 namespace {
 
 // 64K elements: large enough that per-chunk overhead vanishes, small enough to balance tensors of any size.
-constexpr int64_t kChunk = 1 << 16;
+constexpr int64_t kChunk = kParamSqChunk;
 
 struct Chunk {
   int64_t tensor;
@@ -120,15 +122,48 @@ double sum_squares(const T* __restrict x, int64_t n, float scale) {
 }
 
 template <typename P, typename B, bool kMomentum, bool kMaster>
-void update_chunk(P* __restrict p, const P* __restrict g, B* __restrict buf, float* __restrict master, int64_t n,
-                  float lr, float r, float inv_scale, const StepConfig c) {
-  for (int64_t i = 0; i < n; ++i) {
-    float pv = kMaster ? master[i] : static_cast<float>(p[i]);
-    float bv = (kMomentum && !c.first_step) ? static_cast<float>(buf[i]) : 0.f;
-    update_element(pv, static_cast<float>(g[i]) * inv_scale, bv, lr, r, c);
-    if constexpr (kMaster) master[i] = pv;
-    p[i] = static_cast<P>(pv);
-    if constexpr (kMomentum) buf[i] = static_cast<B>(bv);
+inline float update_one(P* __restrict p, const P* __restrict g, B* __restrict buf, float* __restrict master,
+                        int64_t i, float lr, float r, float inv_scale, const StepConfig& c) {
+  float pv = kMaster ? master[i] : static_cast<float>(p[i]);
+  float bv = (kMomentum && !c.first_step) ? static_cast<float>(buf[i]) : 0.f;
+  update_element(pv, static_cast<float>(g[i]) * inv_scale, bv, lr, r, c);
+  if constexpr (kMaster) master[i] = pv;
+  const P stored = static_cast<P>(pv);
+  p[i] = stored;
+  if constexpr (kMomentum) buf[i] = static_cast<B>(bv);
+  return kMaster ? pv : static_cast<float>(stored);  // the value the next step's norm is taken of
+}
+
+// Updates n elements; with kNorm returns the sum of squares of the values stored, in a fixed order (16 lanes,
+// blocks of 1024 added in double), so it repeats exactly and costs no memory traffic.
+template <typename P, typename B, bool kMomentum, bool kMaster, bool kNorm>
+double update_chunk(P* __restrict p, const P* __restrict g, B* __restrict buf, float* __restrict master, int64_t n,
+                    float lr, float r, float inv_scale, const StepConfig c) {
+  if constexpr (!kNorm) {
+    for (int64_t i = 0; i < n; ++i) update_one<P, B, kMomentum, kMaster>(p, g, buf, master, i, lr, r, inv_scale, c);
+    return 0.0;
+  } else {
+    constexpr int64_t kBlock = 1024;
+    double acc = 0.0;
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t e = std::min(n, b + kBlock);
+      float lanes[16] = {};
+      int64_t i = b;
+      for (; i + 16 <= e; i += 16) {
+        for (int j = 0; j < 16; ++j) {
+          const float v = update_one<P, B, kMomentum, kMaster>(p, g, buf, master, i + j, lr, r, inv_scale, c);
+          lanes[j] += v * v;
+        }
+      }
+      float block = 0.f;
+      for (int j = 0; j < 16; ++j) block += lanes[j];
+      for (; i < e; ++i) {
+        const float v = update_one<P, B, kMomentum, kMaster>(p, g, buf, master, i, lr, r, inv_scale, c);
+        block += v * v;
+      }
+      acc += block;
+    }
+    return acc;
   }
 }
 
@@ -139,12 +174,33 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const c10::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
                     double weight_decay, bool nesterov, bool first_step, bool lars, double trust_coefficient,
                     double eps, bool trust_clip, const c10::optional<at::Tensor>& grad_scale,
-                    const c10::optional<at::Tensor>& found_inf) {
+                    const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& norms_sq,
+                    const c10::optional<at::Tensor>& param_sq_partials, bool param_sq_cached) {
   check_fused_step_args(params, grads, bufs, masters, step, schedule, momentum,
                         {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}});
+  check_norm_args("fused_step_", params, norms_sq, param_sq_partials, param_sq_cached);
   if (params.empty()) return;
+  const auto chunks = make_chunks(params);
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  float* partials = param_sq_partials.has_value() ? param_sq_partials->data_ptr<float>() : nullptr;
+
   // A GradScaler found inf/NaN gradients: the step is skipped and nothing changes. (Host reads are free on CPU.)
-  if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;
+  // The |p|^2 cache must still describe the params after the call: refreshed unless it already does.
+  if (found_inf.has_value() && found_inf->item<double>() != 0.0) {
+    if (partials != nullptr && !param_sq_cached) {
+      dispatch_param_type(params[0].scalar_type(), [&](auto tag) {
+        using P = decltype(tag);
+        for_each_chunk(chunks, 0, n_chunks, [&](int64_t k) {
+          const Chunk& ch = chunks[k];
+          const int64_t len = ch.end - ch.begin;
+          partials[k] = static_cast<float>(
+              masters.empty() ? sum_squares(params[ch.tensor].data_ptr<P>() + ch.begin, len, 1.f)
+                              : sum_squares(masters[ch.tensor].data_ptr<float>() + ch.begin, len, 1.f));
+        });
+      });
+    }
+    return;
+  }
 
   double lr_value = lr;
   if (schedule.has_value()) {
@@ -158,21 +214,34 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   // Same reciprocal as GradScaler.unscale_ (double, then rounded to fp32).
   const float inv_scale = grad_scale.has_value() ? static_cast<float>(1.0 / grad_scale->item<double>()) : 1.f;
 
-  const auto chunks = make_chunks(params);
-  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  const int64_t n_tensors = static_cast<int64_t>(params.size());
   std::vector<float> ratio(params.size(), 1.f);
+  const auto ratio_of = [&](double p_sq, double g_sq) {
+    return trust_ratio(static_cast<float>(std::sqrt(p_sq)), static_cast<float>(std::sqrt(g_sq)), lr_f,
+                       static_cast<float>(trust_coefficient), static_cast<float>(weight_decay),
+                       static_cast<float>(eps), trust_clip);
+  };
+  if (lars && norms_sq.has_value()) {
+    const float* norms = norms_sq->data_ptr<float>();
+    for (int64_t t = 0; t < n_tensors; ++t) ratio[t] = ratio_of(norms[t], norms[n_tensors + t]);
+  }
   const StepConfig cfg{static_cast<float>(momentum), static_cast<float>(dampening), static_cast<float>(weight_decay),
                        nesterov, first_step};
   dispatch_param_type(params[0].scalar_type(), [&](auto tag) {
     using P = decltype(tag);
-    // |p|^2 and |g|^2 of chunks [c0, c1), summed per tensor in chunk order, then the trust ratios.
+    // |p|^2 (read from the cache, or summed) and |g|^2 of chunks [c0, c1), summed per tensor in chunk order, then
+    // the trust ratios.
     auto trust_ratios = [&](int64_t c0, int64_t c1) {
       std::vector<double> p_sq(c1 - c0), g_sq(c1 - c0);
       for_each_chunk(chunks, c0, c1, [&](int64_t k) {
         const Chunk& ch = chunks[k];
         const int64_t len = ch.end - ch.begin;
-        p_sq[k - c0] = masters.empty() ? sum_squares(params[ch.tensor].data_ptr<P>() + ch.begin, len, 1.f)
-                                       : sum_squares(masters[ch.tensor].data_ptr<float>() + ch.begin, len, 1.f);
+        if (param_sq_cached) {
+          p_sq[k - c0] = partials[k];
+        } else {
+          p_sq[k - c0] = masters.empty() ? sum_squares(params[ch.tensor].data_ptr<P>() + ch.begin, len, 1.f)
+                                         : sum_squares(masters[ch.tensor].data_ptr<float>() + ch.begin, len, 1.f);
+        }
         g_sq[k - c0] = sum_squares(grads[ch.tensor].data_ptr<P>() + ch.begin, len, inv_scale);
       });
       for (int64_t k = c0; k < c1;) {
@@ -182,43 +251,92 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
           p_total += p_sq[k - c0];
           g_total += g_sq[k - c0];
         }
-        ratio[t] = trust_ratio(static_cast<float>(std::sqrt(p_total)), static_cast<float>(std::sqrt(g_total)), lr_f,
-                               static_cast<float>(trust_coefficient), static_cast<float>(weight_decay),
-                               static_cast<float>(eps), trust_clip);
+        ratio[t] = ratio_of(p_total, g_total);
       }
     };
-    auto update = [&](int64_t c0, int64_t c1, auto momentum_tag, auto master_tag) {
+    auto update = [&](int64_t c0, int64_t c1, auto momentum_tag, auto master_tag, auto norm_tag) {
       constexpr bool kMomentum = decltype(momentum_tag)::value;
       constexpr bool kMaster = decltype(master_tag)::value;
+      constexpr bool kNorm = decltype(norm_tag)::value;
       using B = std::conditional_t<kMaster, float, P>;
       for_each_chunk(chunks, c0, c1, [&](int64_t k) {
         const Chunk& ch = chunks[k];
-        update_chunk<P, B, kMomentum, kMaster>(
+        const double sq = update_chunk<P, B, kMomentum, kMaster, kNorm>(
             params[ch.tensor].data_ptr<P>() + ch.begin, grads[ch.tensor].data_ptr<P>() + ch.begin,
             kMomentum ? bufs[ch.tensor].data_ptr<B>() + ch.begin : nullptr,
             kMaster ? masters[ch.tensor].data_ptr<float>() + ch.begin : nullptr, ch.end - ch.begin, lr_f,
             ratio[ch.tensor], inv_scale, cfg);
+        if constexpr (kNorm) partials[k] = static_cast<float>(sq);
       });
     };
-    auto step_chunks = [&](int64_t c0, int64_t c1) {
-      if (lars) trust_ratios(c0, c1);
+    auto update_with_norm = [&](int64_t c0, int64_t c1, auto momentum_tag, auto master_tag) {
+      partials != nullptr ? update(c0, c1, momentum_tag, master_tag, std::true_type{})
+                          : update(c0, c1, momentum_tag, master_tag, std::false_type{});
+    };
+    auto step_chunks = [&](int64_t c0, int64_t c1, bool reduce) {
+      if (reduce) trust_ratios(c0, c1);
       const bool has_momentum = momentum != 0.0;
       if (masters.empty()) {
-        has_momentum ? update(c0, c1, std::true_type{}, std::false_type{})
-                     : update(c0, c1, std::false_type{}, std::false_type{});
+        has_momentum ? update_with_norm(c0, c1, std::true_type{}, std::false_type{})
+                     : update_with_norm(c0, c1, std::false_type{}, std::false_type{});
       } else {
-        has_momentum ? update(c0, c1, std::true_type{}, std::true_type{})
-                     : update(c0, c1, std::false_type{}, std::true_type{});
+        has_momentum ? update_with_norm(c0, c1, std::true_type{}, std::true_type{})
+                     : update_with_norm(c0, c1, std::false_type{}, std::true_type{});
       }
     };
-    if (lars) {
-      for (const auto& [c0, c1] : cache_groups(chunks)) step_chunks(c0, c1);
+    if (lars && !norms_sq.has_value()) {
+      for (const auto& [c0, c1] : cache_groups(chunks)) step_chunks(c0, c1, true);
     } else {
-      step_chunks(0, n_chunks);  // one pass over everything
+      step_chunks(0, n_chunks, false);  // one pass over everything
     }
   });
 }
 
-TORCH_LIBRARY_IMPL(legw_fused, CPU, m) { m.impl("fused_step_", &fused_step_cpu); }
+at::Tensor sum_squares_cpu(at::TensorList params, at::TensorList grads, at::TensorList masters,
+                           const c10::optional<at::Tensor>& param_sq_partials,
+                           const c10::optional<at::Tensor>& grad_scale) {
+  check_sum_squares_args(params, grads, masters, grad_scale);
+  check_norm_args("sum_squares", params, c10::nullopt, param_sq_partials, false);
+  const int64_t n = static_cast<int64_t>(params.size());
+  at::Tensor out = at::zeros({2, n}, at::TensorOptions().dtype(at::kFloat).device(
+                                         params.empty() ? at::Device(at::kCPU) : params[0].device()));
+  if (n == 0) return out;
+  const float inv_scale = grad_scale.has_value() ? static_cast<float>(1.0 / grad_scale->item<double>()) : 1.f;
+  const float* cached = param_sq_partials.has_value() ? param_sq_partials->data_ptr<float>() : nullptr;
+  const auto chunks = make_chunks(params);
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  std::vector<double> p_sq(n_chunks), g_sq(n_chunks);
+  dispatch_param_type(params[0].scalar_type(), [&](auto tag) {
+    using P = decltype(tag);
+    for_each_chunk(chunks, 0, n_chunks, [&](int64_t k) {
+      const Chunk& ch = chunks[k];
+      const int64_t len = ch.end - ch.begin;
+      if (cached != nullptr) {
+        p_sq[k] = cached[k];
+      } else {
+        p_sq[k] = masters.empty() ? sum_squares(params[ch.tensor].data_ptr<P>() + ch.begin, len, 1.f)
+                                  : sum_squares(masters[ch.tensor].data_ptr<float>() + ch.begin, len, 1.f);
+      }
+      g_sq[k] = sum_squares(grads[ch.tensor].data_ptr<P>() + ch.begin, len, inv_scale);
+    });
+  });
+  float* o = out.data_ptr<float>();
+  for (int64_t k = 0; k < n_chunks;) {  // chunk partials summed per tensor in chunk order
+    const int64_t t = chunks[k].tensor;
+    double p_total = 0.0, g_total = 0.0;
+    for (; k < n_chunks && chunks[k].tensor == t; ++k) {
+      p_total += p_sq[k];
+      g_total += g_sq[k];
+    }
+    o[t] = static_cast<float>(p_total);
+    o[n + t] = static_cast<float>(g_total);
+  }
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(legw_fused, CPU, m) {
+  m.impl("fused_step_", &fused_step_cpu);
+  m.impl("sum_squares", &sum_squares_cpu);
+}
 
 }  // namespace legw_fused

@@ -72,6 +72,68 @@ inline void check_fused_step_args(at::TensorList params, at::TensorList grads, a
   }
 }
 
+// legw_fused::sum_squares: params [N], grads [N] of the params' dtype (fp32, bf16, fp16), masters [N fp32 or 0];
+// contiguous, one device, matching numels.
+inline void check_sum_squares_args(at::TensorList params, at::TensorList grads, at::TensorList masters,
+                                   const c10::optional<at::Tensor>& grad_scale) {
+  const auto n = params.size();
+  TORCH_CHECK(grads.size() == n, "sum_squares: ", n, " params but ", grads.size(), " grads");
+  TORCH_CHECK(masters.empty() || masters.size() == n, "sum_squares: master_params must be empty or one per param");
+  if (n == 0) return;
+  const auto dtype = params[0].scalar_type();
+  const auto device = params[0].device();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "sum_squares: params must be float32, bfloat16 or float16, got ", dtype);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(params[i].scalar_type() == dtype && params[i].device() == device && params[i].is_contiguous(),
+                "sum_squares: param ", i, " must be a contiguous ", dtype, " tensor on ", device);
+    TORCH_CHECK(grads[i].scalar_type() == dtype && grads[i].device() == device && grads[i].is_contiguous() &&
+                    grads[i].numel() == params[i].numel(),
+                "sum_squares: grad ", i, " must be a contiguous ", dtype, " tensor of ", params[i].numel(),
+                " elements on ", device);
+    TORCH_CHECK(masters.empty() || (masters[i].scalar_type() == at::kFloat && masters[i].device() == device &&
+                                    masters[i].is_contiguous() && masters[i].numel() == params[i].numel()),
+                "sum_squares: master param ", i, " must be a contiguous float32 tensor of ", params[i].numel(),
+                " elements on ", device);
+  }
+  TORCH_CHECK(!grad_scale.has_value() || (grad_scale->numel() == 1 && grad_scale->device() == device),
+              "sum_squares: grad_scale must be a one-element tensor on ", device);
+}
+
+// LARS norm caches: sums of squares per chunk of kParamSqChunk consecutive elements of one tensor, tensors in call
+// order, empty tensors owning no chunk. The CPU and CUDA kernels both work in chunks of this size.
+constexpr int64_t kParamSqChunk = 1 << 16;
+
+inline int64_t param_sq_chunks(at::TensorList params) {
+  int64_t chunks = 0;
+  for (const auto& p : params) chunks += (p.numel() + kParamSqChunk - 1) / kParamSqChunk;
+  return chunks;
+}
+
+// norms_sq: float32 [2, N]; param_sq_partials: float32 [param_sq_chunks(params)]; both contiguous on the params'
+// device. param_sq_cached needs the partials.
+inline void check_norm_args(const char* op, at::TensorList params, const c10::optional<at::Tensor>& norms_sq,
+                            const c10::optional<at::Tensor>& partials, bool cached) {
+  const auto device = params.empty() ? (partials.has_value() ? partials->device() : at::Device(at::kCPU))
+                                     : params[0].device();
+  if (norms_sq.has_value()) {
+    const auto n = static_cast<int64_t>(params.size());
+    TORCH_CHECK(norms_sq->scalar_type() == at::kFloat && norms_sq->is_contiguous() && norms_sq->dim() == 2 &&
+                    norms_sq->size(0) == 2 && norms_sq->size(1) == n && norms_sq->device() == device,
+                op, ": norms_sq must be a contiguous float32 tensor of shape [2, ", n, "] on ", device, ", got ",
+                norms_sq->scalar_type(), " ", norms_sq->sizes(), " on ", norms_sq->device());
+  }
+  TORCH_CHECK(!cached || partials.has_value(), op, ": param_sq_cached needs param_sq_partials");
+  if (partials.has_value()) {
+    const int64_t chunks = param_sq_chunks(params);
+    TORCH_CHECK(partials->scalar_type() == at::kFloat && partials->is_contiguous() && partials->dim() == 1 &&
+                    partials->numel() == chunks && partials->device() == device,
+                op, ": param_sq_partials must be a contiguous 1-D float32 tensor of ", chunks, " elements (one per ",
+                kParamSqChunk, "-element chunk of each param) on ", device, ", got ", partials->scalar_type(), " ",
+                partials->sizes(), " on ", partials->device());
+  }
+}
+
 // Calls f(P{}) with P the C++ type of the params' dtype (float, c10::BFloat16, c10::Half).
 template <typename F>
 void dispatch_param_type(at::ScalarType type, F&& f) {

@@ -29,9 +29,23 @@ TORCH_LIBRARY(legw_fused, m) {
   // the optimizer advances it after all of a step's calls. With found_inf != 0 nothing is written; grads are
   // multiplied by 1/grad_scale as they are read and never written. master_params (fp32, optional) are the
   // values updated for bf16/fp16 params, which then receive their rounding.
+  // LARS norms (float32 sums of squares): with `norms_sq` ([2, N]: row 0 sum p^2, row 1 sum (g/grad_scale)^2, e.g.
+  // all-reduced over the ranks of a sharded model) the trust ratios come from it and no norm pass is made.
+  // `param_sq_partials` (one float per chunk of kParamSqChunk elements, tensors in order, csrc/fused_step_args.h)
+  // receives the sum of squares of every chunk's stored values after the call (the fp32 master where there is
+  // one; the unchanged values when found_inf skips the step); with `param_sq_cached` the call first reads it as the
+  // chunk sums of the current params instead of reading the params for their norm.
   m.def(
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] master_params, Tensor step, Tensor? schedule, Tensor? lr_tensor, float lr, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool first_step, bool lars, float trust_coefficient, "
-      "float eps, bool trust_clip, Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "float eps, bool trust_clip, Tensor? grad_scale, Tensor? found_inf, Tensor? norms_sq, "
+      "Tensor(d!)? param_sq_partials, bool param_sq_cached) -> ()");
+
+  // Per-tensor sums of squares, float32 [2, N]: row 0 of the params (of the fp32 masters where given; summed from
+  // `param_sq_partials`, fused_step_'s chunk sums, where given, without reading the params), row 1 of the grads
+  // multiplied by 1/grad_scale. The local half of LARS's norms under sharding, reduced over ranks by the caller.
+  m.def(
+      "sum_squares(Tensor[] params, Tensor[] grads, Tensor[] master_params, Tensor? param_sq_partials, "
+      "Tensor? grad_scale) -> Tensor");
 }

@@ -3,7 +3,9 @@
 Legend: N tensors in one call, C chunks (CHUNK consecutive elements of one tensor; one program each).
 
 One call = one update launch (SGD), or three for LARS: per-chunk sums of squares -> per-tensor trust ratios (chunk
-partials summed in chunk order: bitwise repeatable) -> update. The LR is evaluated inside the kernels from the
+partials summed in chunk order: bitwise repeatable) -> update. With the |p|^2 cache (param_sq_partials) the update
+also stores each chunk's sum of squares of the values it writes, and the next call's first launch reads only g;
+with given norms (norms_sq, e.g. all-reduced over ranks) the update computes the ratios itself: one launch. The LR is evaluated inside the kernels from the
 device step count and the packed LEGW schedule (or read from a device tensor), so a step never reads back to the
 host. The same math as csrc/fused_step.h and legw_fused/reference.py.
 
@@ -25,6 +27,7 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Elements per program (enough work per program, few programs for a 25M-parameter model) and per loop iteration.
 # The interpreter pays per operation, not per element: larger blocks, still several chunks and iterations per tensor.
+# CHUNK is also the layout of the |p|^2 cache; legw_fused.backends.TRITON_CHUNK states the same rule.
 CHUNK, BLOCK = (16384, 4096) if INTERPRETED else (65536, 1024)
 
 _TL_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -105,8 +108,9 @@ def _inv_scale(scale_ptr, HAS_SCALE: tl.constexpr):
 @triton.jit
 def _sum_squares_kernel(p_ptrs, g_ptrs, m_ptrs, numels, chunk_tensor, chunk_start, partials, scale_ptr,
                         P_TYPE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
-                        CHUNK: tl.constexpr):
-    """partials[c] = (sum p^2, sum g^2) over chunk c (g unscaled; p the fp32 master where there is one)."""
+                        CHUNK: tl.constexpr, WITH_P: tl.constexpr):
+    """partials[c] = (sum p^2, sum g^2) over chunk c (g unscaled; p the fp32 master where there is one; p is not
+    read without WITH_P: its sums come from the cache)."""
     c = tl.program_id(0)
     t = tl.load(chunk_tensor + c)
     start = tl.load(chunk_start + c)
@@ -122,19 +126,32 @@ def _sum_squares_kernel(p_ptrs, g_ptrs, m_ptrs, numels, chunk_tensor, chunk_star
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < end
-        p = tl.load(p_base + offs, mask=mask, other=0.0).to(tl.float32)
+        if WITH_P:
+            p = tl.load(p_base + offs, mask=mask, other=0.0).to(tl.float32)
+            acc_p += p * p
         g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32) * inv
-        acc_p += p * p
         acc_g += g * g
     tl.store(partials + 2 * c, tl.sum(acc_p, axis=0))
     tl.store(partials + 2 * c + 1, tl.sum(acc_g, axis=0))
 
 
 @triton.jit
-def _trust_ratio_kernel(partials, first_chunk, ratios, step_ptr, sched_ptr, sched_len, lr_ptr, lr_value,
-                        trust_coefficient, weight_decay, eps, LR_MODE: tl.constexpr, CLIP: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-    """ratios[t] from the chunk partials of tensor t, added in chunk order (no atomics: repeatable)."""
+def _ratio(p_sq, g_sq, lr, trust_coefficient, weight_decay, eps, CLIP: tl.constexpr):
+    """LARS trust ratio from the sums of squares (csrc/fused_step.h's trust_ratio)."""
+    p_norm = tl.sqrt(p_sq)
+    g_norm = tl.sqrt(g_sq)
+    ratio = trust_coefficient * p_norm / (g_norm + weight_decay * p_norm + eps)
+    if CLIP:
+        ratio = tl.where(lr > 0, tl.minimum(ratio / tl.maximum(lr, 1e-38), 1.0), 1.0)
+    return tl.where((p_norm > 0) & (g_norm > 0), ratio, 1.0)
+
+
+@triton.jit
+def _trust_ratio_kernel(partials, p_cached, first_chunk, out, n_tensors, step_ptr, sched_ptr, sched_len, lr_ptr,
+                        lr_value, trust_coefficient, weight_decay, eps, LR_MODE: tl.constexpr, CLIP: tl.constexpr,
+                        BLOCK_C: tl.constexpr, CACHED: tl.constexpr, SUMS: tl.constexpr):
+    """Tensor t's chunk partials added in chunk order (no atomics: repeatable) -> out[t] = its trust ratio, or with
+    SUMS out[t], out[N + t] = its sums of squares. CACHED: the p partials come from the |p|^2 cache."""
     t = tl.program_id(0)
     c0 = tl.load(first_chunk + t)
     c1 = tl.load(first_chunk + t + 1)
@@ -143,63 +160,88 @@ def _trust_ratio_kernel(partials, first_chunk, ratios, step_ptr, sched_ptr, sche
     for c in range(c0, c1, BLOCK_C):
         idx = c + tl.arange(0, BLOCK_C)
         mask = idx < c1
-        acc_p += tl.load(partials + 2 * idx, mask=mask, other=0.0).to(tl.float64)
+        if CACHED:
+            acc_p += tl.load(p_cached + idx, mask=mask, other=0.0).to(tl.float64)
+        else:
+            acc_p += tl.load(partials + 2 * idx, mask=mask, other=0.0).to(tl.float64)
         acc_g += tl.load(partials + 2 * idx + 1, mask=mask, other=0.0).to(tl.float64)
-    p_norm = tl.sqrt(tl.sum(acc_p, axis=0)).to(tl.float32)
-    g_norm = tl.sqrt(tl.sum(acc_g, axis=0)).to(tl.float32)
-    ratio = trust_coefficient * p_norm / (g_norm + weight_decay * p_norm + eps)
-    if CLIP:
+    p_sq = tl.sum(acc_p, axis=0).to(tl.float32)
+    g_sq = tl.sum(acc_g, axis=0).to(tl.float32)
+    if SUMS:
+        tl.store(out + t, p_sq)
+        tl.store(out + n_tensors + t, g_sq)
+    else:
         lr = _lr(step_ptr, sched_ptr, sched_len, lr_ptr, lr_value, LR_MODE)
-        ratio = tl.where(lr > 0, tl.minimum(ratio / tl.maximum(lr, 1e-38), 1.0), 1.0)
-    tl.store(ratios + t, tl.where((p_norm > 0) & (g_norm > 0), ratio, 1.0))
+        tl.store(out + t, _ratio(p_sq, g_sq, lr, trust_coefficient, weight_decay, eps, CLIP))
 
 
 @triton.jit
-def _fused_step_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, numels, chunk_tensor, chunk_start, ratios, step_ptr,
-                       sched_ptr, sched_len, lr_ptr, lr_value, momentum, dampening, weight_decay, scale_ptr,
-                       found_ptr, LR_MODE: tl.constexpr, P_TYPE: tl.constexpr, B_TYPE: tl.constexpr,
-                       HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
-                       MASTER: tl.constexpr, LARS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+def _fused_step_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, numels, chunk_tensor, chunk_start, ratios, norms, n_tensors,
+                       p_sq_out, step_ptr, sched_ptr, sched_len, lr_ptr, lr_value, momentum, dampening, weight_decay,
+                       trust_coefficient, eps, scale_ptr, found_ptr, LR_MODE: tl.constexpr, P_TYPE: tl.constexpr,
+                       B_TYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
+                       NESTEROV: tl.constexpr, MASTER: tl.constexpr, LARS: tl.constexpr, NORMS: tl.constexpr,
+                       CLIP: tl.constexpr, P_SQ: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
                        BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """One chunk of the update: d = r*(g + wd*p); momentum; p -= lr*d (see csrc/fused_step.h)."""
+    """One chunk of the update: d = r*(g + wd*p); momentum; p -= lr*d (see csrc/fused_step.h). r from `ratios`, or
+    with NORMS from the given sums of squares. P_SQ: p_sq_out[c] = sum of squares of the values stored (of the
+    unchanged values when found_inf skips the step, so that the |p|^2 cache stays right)."""
     c = tl.program_id(0)
     t = tl.load(chunk_tensor + c)
     start = tl.load(chunk_start + c)
     end = tl.minimum(start + CHUNK, tl.load(numels + t))
+    write_end = end
     if HAS_INF:
-        end = tl.where(tl.load(found_ptr) != 0, start, end)  # GradScaler found inf/NaN: write nothing
+        write_end = tl.where(tl.load(found_ptr) != 0, start, end)  # GradScaler found inf/NaN: write nothing
     lr = _lr(step_ptr, sched_ptr, sched_len, lr_ptr, lr_value, LR_MODE)
     inv = _inv_scale(scale_ptr, HAS_SCALE)
     r = 1.0
     if LARS:
-        r = tl.load(ratios + t)
+        if NORMS:
+            r = _ratio(tl.load(norms + t), tl.load(norms + n_tensors + t), lr, trust_coefficient, weight_decay, eps,
+                       CLIP)
+        else:
+            r = tl.load(ratios + t)
     p_base = tl.load(p_ptrs + t).to(tl.pointer_type(P_TYPE))
     g_base = tl.load(g_ptrs + t).to(tl.pointer_type(P_TYPE))
     b_base = tl.load(b_ptrs + t).to(tl.pointer_type(B_TYPE))
     m_base = tl.load(m_ptrs + t).to(tl.pointer_type(tl.float32))
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < end
+        store = offs < write_end
         g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32) * inv
         if MASTER:
             p = tl.load(m_base + offs, mask=mask, other=0.0)
         else:
             p = tl.load(p_base + offs, mask=mask, other=0.0).to(tl.float32)
+        p_old = p
         d = (g + weight_decay * p) * r
         if HAS_MOMENTUM:
             if FIRST:
                 buf = d
             else:
                 buf = tl.load(b_base + offs, mask=mask, other=0.0).to(tl.float32) * momentum + (1.0 - dampening) * d
-            tl.store(b_base + offs, _cast(buf, B_TYPE), mask=mask)
+            tl.store(b_base + offs, _cast(buf, B_TYPE), mask=store)
             if NESTEROV:
                 d = d + momentum * buf
             else:
                 d = buf
         p = p - lr * d
+        p_stored = _cast(p, P_TYPE)
         if MASTER:
-            tl.store(m_base + offs, p, mask=mask)
-        tl.store(p_base + offs, _cast(p, P_TYPE), mask=mask)
+            tl.store(m_base + offs, p, mask=store)
+        tl.store(p_base + offs, p_stored, mask=store)
+        if P_SQ:
+            if MASTER:
+                kept = tl.where(store, p, p_old)
+            else:
+                kept = tl.where(store, p_stored.to(tl.float32), p_old)
+            kept = tl.where(mask, kept, 0.0)
+            acc += kept * kept
+    if P_SQ:
+        tl.store(p_sq_out + c, tl.sum(acc, axis=0))
 
 
 class _Tables:
@@ -248,10 +290,43 @@ def _tables(lists, device, chunk) -> _Tables:
     return tables
 
 
+def _check_norm_args(n, n_chunks, device, norms_sq, partials, cached, op="fused_step_"):
+    if norms_sq is not None and (norms_sq.dtype != torch.float32 or tuple(norms_sq.shape) != (2, n)
+                                 or norms_sq.device != device or not norms_sq.is_contiguous()):
+        raise ValueError(f"{op} (triton): norms_sq must be a contiguous float32 tensor of shape [2, {n}] on "
+                         f"{device}, got {norms_sq.dtype} {tuple(norms_sq.shape)} on {norms_sq.device}")
+    if cached and partials is None:
+        raise ValueError(f"{op} (triton): param_sq_cached needs param_sq_partials")
+    if partials is not None and (partials.dtype != torch.float32 or partials.dim() != 1
+                                 or partials.numel() != n_chunks or partials.device != device
+                                 or not partials.is_contiguous()):
+        raise ValueError(f"{op} (triton): param_sq_partials must be a contiguous 1-D float32 tensor of {n_chunks} "
+                         f"elements (one per chunk) on {device}, got {partials.dtype} {tuple(partials.shape)} on "
+                         f"{partials.device}")
+
+
+def _check_lists(params, grads, master_params, op):
+    n = len(params)
+    dtype, device = params[0].dtype, params[0].device
+    if dtype not in _TL_TYPES:
+        raise ValueError(f"{op} (triton): params must be float32, bfloat16 or float16, got {dtype}")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if p.dtype != dtype or g.dtype != dtype or p.device != device or g.device != device \
+                or g.numel() != p.numel() or not (p.is_contiguous() and g.is_contiguous()):
+            raise ValueError(f"{op} (triton): param/grad {i} must be contiguous {dtype} on {device} "
+                             f"with {p.numel()} elements")
+    if len(grads) != n or len(master_params) not in (0, n):
+        raise ValueError(f"{op} (triton): list lengths differ: {n} params, {len(grads)} grads, "
+                         f"{len(master_params)} masters")
+    return dtype, device
+
+
 def fused_step_(params, grads, momentum_buffers, master_params, step, schedule, lr_tensor, lr, momentum, dampening,
                 weight_decay, nesterov, first_step, lars, trust_coefficient, eps, trust_clip, grad_scale, found_inf,
-                *, chunk: int = CHUNK, block: int = BLOCK) -> None:
-    """The triton implementation of legw_fused::fused_step_ (same arguments and semantics, csrc/legw_fused.cpp)."""
+                norms_sq=None, param_sq_partials=None, param_sq_cached=False, *, chunk: int = CHUNK,
+                block: int = BLOCK) -> None:
+    """The triton implementation of legw_fused::fused_step_ (same arguments and semantics, csrc/legw_fused.cpp;
+    its |p|^2 cache has one entry per ``chunk`` elements)."""
     n = len(params)
     if n == 0:
         return
@@ -260,14 +335,7 @@ def fused_step_(params, grads, momentum_buffers, master_params, step, schedule, 
                          f"{len(momentum_buffers)} buffers, {len(master_params)} masters")
     if (momentum != 0) != bool(momentum_buffers):
         raise ValueError("fused_step_ (triton): momentum_buffers must hold one per param iff momentum != 0")
-    dtype, device = params[0].dtype, params[0].device
-    if dtype not in _TL_TYPES:
-        raise ValueError(f"fused_step_ (triton): params must be float32, bfloat16 or float16, got {dtype}")
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if p.dtype != dtype or g.dtype != dtype or p.device != device or g.device != device \
-                or g.numel() != p.numel() or not (p.is_contiguous() and g.is_contiguous()):
-            raise ValueError(f"fused_step_ (triton): param/grad {i} must be contiguous {dtype} on {device} "
-                             f"with {p.numel()} elements")
+    dtype, device = _check_lists(params, grads, master_params, "fused_step_")
     master = bool(master_params)
     if master and dtype == torch.float32:
         raise ValueError("fused_step_ (triton): master weights are for bf16/fp16 params")
@@ -282,18 +350,51 @@ def fused_step_(params, grads, momentum_buffers, master_params, step, schedule, 
                     ("found_inf", found_inf)):
         if x is not None and x.device != device:
             raise ValueError(f"fused_step_ (triton): {name} is on {x.device}, the params on {device}")
+    _check_norm_args(n, sum(-(-p.numel() // chunk) for p in params), device, norms_sq, param_sq_partials,
+                     param_sq_cached)
     bufs = list(momentum_buffers) or [None] * n
     masters = list(master_params) or [None] * n
     # Triton launches on the current device: make it the params' one.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _launch(params, grads, bufs, masters, device, step, schedule, lr_tensor, lr, momentum, dampening,
                 weight_decay, nesterov, first_step, lars, trust_coefficient, eps, trust_clip, grad_scale, found_inf,
-                master, dtype, chunk, block)
+                master, dtype, chunk, block, norms_sq, param_sq_partials, param_sq_cached)
+
+
+def sum_squares(params, grads, master_params, param_sq_partials, grad_scale, *, chunk: int = CHUNK,
+                block: int = BLOCK) -> torch.Tensor:
+    """The triton implementation of legw_fused::sum_squares (csrc/legw_fused.cpp): float32 [2, N]."""
+    n = len(params)
+    if n == 0:
+        return torch.zeros(2, 0, dtype=torch.float32)
+    dtype, device = _check_lists(params, grads, master_params, "sum_squares")
+    master_params = list(master_params or [])
+    _check_norm_args(n, sum(-(-p.numel() // chunk) for p in params), device, None, param_sq_partials, False,
+                     op="sum_squares")
+    out = torch.zeros(2, n, dtype=torch.float32, device=device)
+    masters = master_params or [None] * n
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        tables = _tables([params, grads, [None] * n, masters], device, chunk)
+        if tables.n_chunks == 0:
+            return out
+        cached = param_sq_partials is not None
+        partials = torch.empty(2 * tables.n_chunks, dtype=torch.float32, device=device)
+        scale = grad_scale if grad_scale is not None else tables.numels
+        _sum_squares_kernel[(tables.n_chunks,)](tables.ptrs[0], tables.ptrs[1], tables.ptrs[3], tables.numels,
+                                                tables.chunk_tensor, tables.chunk_start, partials, scale,
+                                                P_TYPE=_TL_TYPES[dtype], MASTER=bool(master_params),
+                                                HAS_SCALE=grad_scale is not None, BLOCK=block, CHUNK=chunk,
+                                                WITH_P=not cached)
+        dummy = tables.numels
+        _trust_ratio_kernel[(n,)](partials, param_sq_partials if cached else dummy, tables.first_chunk, out, n,
+                                  dummy, dummy, 0, dummy, 0.0, 0.0, 0.0, 0.0, LR_MODE=LR_FLOAT, CLIP=False,
+                                  BLOCK_C=128, CACHED=cached, SUMS=True)
+    return out
 
 
 def _launch(params, grads, bufs, masters, device, step, schedule, lr_tensor, lr, momentum, dampening, weight_decay,
             nesterov, first_step, lars, trust_coefficient, eps, trust_clip, grad_scale, found_inf, master, dtype,
-            chunk, block) -> None:
+            chunk, block, norms_sq, param_sq_partials, param_sq_cached) -> None:
     n = len(params)
     tables = _tables([params, grads, bufs, masters], device, chunk)
     if tables.n_chunks == 0:
@@ -303,21 +404,27 @@ def _launch(params, grads, bufs, masters, device, step, schedule, lr_tensor, lr,
     sched = schedule if schedule is not None else dummy
     lr_args = (step, sched, sched.numel(), lr_tensor if lr_tensor is not None else dummy, float(lr))
     scale = grad_scale if grad_scale is not None else dummy
-    ratios = torch.ones(n, dtype=torch.float32, device=device)
+    ratios = dummy
     ptrs = tables.ptrs
     p_type = _TL_TYPES[dtype]
     b_type = tl.float32 if master else p_type
-    if lars:
+    cached = bool(param_sq_cached)
+    if lars and norms_sq is None:
+        ratios = torch.ones(n, dtype=torch.float32, device=device)
         partials = torch.empty(2 * tables.n_chunks, dtype=torch.float32, device=device)
         _sum_squares_kernel[(tables.n_chunks,)](ptrs[0], ptrs[1], ptrs[3], tables.numels, tables.chunk_tensor,
                                                 tables.chunk_start, partials, scale, P_TYPE=p_type, MASTER=master,
-                                                HAS_SCALE=grad_scale is not None, BLOCK=block, CHUNK=chunk)
-        _trust_ratio_kernel[(n,)](partials, tables.first_chunk, ratios, *lr_args, float(trust_coefficient),
-                                  float(weight_decay), float(eps), LR_MODE=lr_mode, CLIP=bool(trust_clip),
-                                  BLOCK_C=128)
+                                                HAS_SCALE=grad_scale is not None, BLOCK=block, CHUNK=chunk,
+                                                WITH_P=not cached)
+        _trust_ratio_kernel[(n,)](partials, param_sq_partials if cached else dummy, tables.first_chunk, ratios, n,
+                                  *lr_args, float(trust_coefficient), float(weight_decay), float(eps),
+                                  LR_MODE=lr_mode, CLIP=bool(trust_clip), BLOCK_C=128, CACHED=cached, SUMS=False)
     _fused_step_kernel[(tables.n_chunks,)](
         ptrs[0], ptrs[1], ptrs[2], ptrs[3], tables.numels, tables.chunk_tensor, tables.chunk_start, ratios,
-        *lr_args, float(momentum), float(dampening), float(weight_decay), scale,
+        norms_sq if norms_sq is not None else dummy, n,
+        param_sq_partials if param_sq_partials is not None else dummy, *lr_args, float(momentum), float(dampening),
+        float(weight_decay), float(trust_coefficient), float(eps), scale,
         found_inf if found_inf is not None else dummy, LR_MODE=lr_mode, P_TYPE=p_type, B_TYPE=b_type,
         HAS_MOMENTUM=momentum != 0, FIRST=bool(first_step), NESTEROV=bool(nesterov), MASTER=master,
-        LARS=bool(lars), HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, BLOCK=block, CHUNK=chunk)
+        LARS=bool(lars), NORMS=norms_sq is not None, CLIP=bool(trust_clip), P_SQ=param_sq_partials is not None,
+        HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, BLOCK=block, CHUNK=chunk)

@@ -36,8 +36,13 @@ if _C is not None:
     @torch.library.register_fake("legw_fused::fused_step_")
     def _fused_step_fake(params, grads, momentum_buffers, master_params, step, schedule, lr_tensor, lr, momentum,
                          dampening, weight_decay, nesterov, first_step, lars, trust_coefficient, eps, trust_clip,
-                         grad_scale, found_inf) -> None:
+                         grad_scale, found_inf, norms_sq, param_sq_partials, param_sq_cached) -> None:
         return None
+
+    @torch.library.register_fake("legw_fused::sum_squares")
+    def _sum_squares_fake(params, grads, master_params, param_sq_partials, grad_scale) -> torch.Tensor:
+        device = params[0].device if params else torch.device("cpu")
+        return torch.empty((2, len(params)), dtype=torch.float32, device=device)
 
 
 def legw_lr(step: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
@@ -50,8 +55,20 @@ def legw_lr(step: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
     return torch.ops.legw_fused.legw_lr(step, schedule)
 
 
+# Elements per entry of the |p|^2 cache of the C++/CUDA kernels (kParamSqChunk, csrc/fused_step_args.h).
+PARAM_SQ_CHUNK = 1 << 16
+
+
 def fused_step_(*args) -> None:
     """legw_fused::fused_step_ (C++ CPU / CUDA kernels); arguments as in its schema (csrc/legw_fused.cpp)."""
     if _C is None:
         raise RuntimeError(EXTENSION_ERROR)
     torch.ops.legw_fused.fused_step_(*args)
+
+
+def sum_squares(params, grads, master_params, param_sq_partials, grad_scale) -> torch.Tensor:
+    """legw_fused::sum_squares: float32 [2, N] per-tensor sums of squares of the params (or masters, or summed from
+    the |p|^2 cache) and of the grads times 1/grad_scale."""
+    if _C is None:
+        raise RuntimeError(EXTENSION_ERROR)
+    return torch.ops.legw_fused.sum_squares(params, grads, master_params or [], param_sq_partials, grad_scale)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .backends import check_backend_name, select_backend
+from .distributed import all_reduce_sum_, is_dtensor, local_tensor, sharded_norm_group, wrap_like
 from .schedule import LEGW
 
 __all__ = ["SGD", "LARS", "param_groups"]
@@ -36,8 +37,14 @@ class _MomentumOptimizer(Optimizer):
     # step() every time: fused backends unscale while reading the grads and skip on the device when found_inf != 0.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults: dict, backend: str):
+    def __init__(self, params, defaults: dict, backend: str, cache_norms: bool = True):
         self.backend = check_backend_name(backend)
+        if not isinstance(cache_norms, bool):
+            raise TypeError(f"{type(self).__name__}: cache_norms must be a bool, got {cache_norms!r}")
+        self.cache_norms = cache_norms
+        # LARS |p|^2 cache per (param group, device, dtype) bucket: {"tensors", "versions", "partials"}. Derived
+        # data, never in the state_dict.
+        self._norm_cache: dict[tuple, dict] = {}
         self._step_counters: dict[torch.device, Tensor] = {}
         super().__init__(params, defaults)
 
@@ -132,23 +139,34 @@ class _MomentumOptimizer(Optimizer):
                 params, grads = buckets.setdefault((p.device, p.dtype), ([], []))
                 params.append(p)
                 grads.append(g)
+            lars = self._hyperparameters(group)["lars"]
             for (device, dtype), (params, grads) in buckets.items():
                 contiguous = all(p.is_contiguous() for p in params)
-                work.append((group, select_backend(self.backend, device, dtype, contiguous), params, grads))
+                # LARS: over which process group each param's local sums of squares add up (None: local is whole);
+                # raises for placements it cannot handle, before anything changes.
+                norm_groups = [sharded_norm_group(p) for p in params] if lars else None
+                work.append((group, select_backend(self.backend, device, dtype, contiguous), params, grads,
+                             norm_groups))
 
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if found_inf is not None and any(self._needs_host_inf_check(group, backend, params)
-                                         for group, backend, params, _ in work):
+                                         for group, backend, params, _, _ in work):
             if found_inf.item() != 0:  # one host read, only where a backend cannot skip on the device
                 return loss
             found_inf = None
 
-        # Phase 2: update, one backend call per (group, device, dtype) bucket.
+        # Phase 2: update, one backend call per (group, device, dtype) bucket, on the ranks' local shards.
         if not self._step_counters:  # every step() counts, also a first one in which no parameter has a gradient
             first = next((p for g in self.param_groups for p in g["params"]), None)
             if first is not None:
                 self._counter(first.device)
-        for group, backend, params, grads in work:
+        # The |p|^2 cache reads tensor version counters, which torch.compile does not trace: compiled steps take
+        # the uncached path (the cache is then dropped, since they write the params unseen).
+        use_cache = self.cache_norms and not torch.compiler.is_compiling()
+        if not use_cache:
+            self._norm_cache.clear()
+        calls = []
+        for group, backend, params, grads, norm_groups in work:
             device = params[0].device
             counter = self._counter(device)
             lr = group["lr"]
@@ -166,18 +184,93 @@ class _MomentumOptimizer(Optimizer):
                         state["master_param"] = p.detach().float()
                     if state.get("momentum_buffer") is not None and state["momentum_buffer"].dtype != torch.float32:
                         state["momentum_buffer"] = state["momentum_buffer"].float()
-                masters = [state["master_param"] for state in states]
-            bufs = backend.step(params, grads, [state.get("momentum_buffer") for state in states], lr=lr,
-                                step=counter, grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
-                                masters=masters, **self._hyperparameters(group))
-            if group["momentum"] != 0:
-                for state, buf in zip(states, bufs):
-                    if buf is not None:
-                        state["momentum_buffer"] = buf
+                masters = [local_tensor(state["master_param"]) for state in states]
+            hp = self._hyperparameters(group)
+            call = dict(group=group, backend=backend, params=params, states=states, device=device,
+                        local_params=[local_tensor(p) for p in params], local_grads=[local_tensor(g) for g in grads],
+                        masters=masters, norms_sq=None, param_sq=None, param_sq_cached=False,
+                        norm_groups=norm_groups, kwargs=dict(lr=lr, step=counter, grad_scale=_on(grad_scale, device),
+                                                             found_inf=_on(found_inf, device), **hp))
+            if hp["lars"] and use_cache and backend.norm_chunk is not None:
+                call["cache_key"] = (id(group), device, params[0].dtype)
+                call["param_sq"], call["param_sq_cached"] = self._cached_param_sq(
+                    call["cache_key"], call["local_params"], masters, backend.norm_chunk)
+            calls.append(call)
+        self._all_reduce_norms([c for c in calls if any(g is not None for g in c["norm_groups"] or ())])
+
+        for call in calls:
+            states, params = call["states"], call["params"]
+            bufs = call["backend"].run_step(
+                call["local_params"], call["local_grads"],
+                [local_tensor(state.get("momentum_buffer")) for state in states], masters=call["masters"],
+                norms_sq=call["norms_sq"], param_sq=call["param_sq"], param_sq_cached=call["param_sq_cached"],
+                **call["kwargs"])
+            if call["group"]["momentum"] != 0:
+                for p, state, buf in zip(params, states, bufs):
+                    if buf is not None and state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = wrap_like(buf, p) if is_dtensor(p) else buf
+            if call["param_sq"] is not None:
+                self._record_versions(call)
         for device, counter in self._step_counters.items():
             # A step skipped for inf/NaN gradients does not advance the schedule.
             counter.add_(1 if found_inf is None else (_on(found_inf, device) == 0).to(torch.int64))
         return loss
+
+    # ------------------------------------------------------------------ LARS norms
+    def _cached_param_sq(self, key, local_params: list[Tensor], masters, chunk: int) -> tuple[Tensor, bool]:
+        """The bucket's |p|^2 cache (chunk sums of squares written by its last update) and whether it still holds
+        for the params: the same tensors, none changed since (version counters; the masters' when the update runs
+        on them), and not cleared by load_state_dict."""
+        entry = self._norm_cache.get(key)
+        targets = masters or local_params
+        valid = entry is not None and entry["versions"] is not None and len(entry["tensors"]) == len(targets) and \
+            all(a is b and a._version == v for a, b, v in zip(entry["tensors"], targets, entry["versions"]))
+        if not valid:
+            n_chunks = sum(-(-t.numel() // chunk) for t in targets)
+            entry = {"tensors": list(targets), "versions": None,
+                     "partials": torch.zeros(n_chunks, dtype=torch.float32, device=targets[0].device)}
+            self._norm_cache[key] = entry
+        return entry["partials"], valid
+
+    def _record_versions(self, call) -> None:
+        """After the update wrote the params and their chunk sums: the versions that make the cache valid."""
+        entry = self._norm_cache[call["cache_key"]]
+        entry["versions"] = [t._version for t in entry["tensors"]]
+
+    def _all_reduce_norms(self, calls: list[dict]) -> None:
+        """Whole-tensor LARS norms for buckets holding sharded params: the local sums of squares of every such
+        bucket in one buffer, one all-reduce per process group (one per step under FSDP2), then each bucket's
+        [2, N] norms; replicated and plain params keep their local sums (counted once, not once per rank)."""
+        if not calls:
+            return
+        for call in calls:
+            backend = call["backend"]
+            sq = backend.sum_squares(call["local_params"], call["local_grads"], call["masters"] or [],
+                                     call["param_sq"] if call["param_sq_cached"] else None,
+                                     call["kwargs"]["grad_scale"])
+            call["norms_sq"] = sq
+            call["param_sq_cached"] = False  # read by sum_squares; the update only writes the new chunk sums
+        by_group: dict = {}  # process group -> [(call, indices of its tensors sharded over that group)]
+        for call in calls:
+            per_call: dict = {}
+            for i, pg in enumerate(call["norm_groups"]):
+                if pg is not None:
+                    per_call.setdefault(pg, []).append(i)
+            for pg, idx in per_call.items():
+                by_group.setdefault(pg, []).append((call, None if len(idx) == len(call["norm_groups"]) else idx))
+        for pg, entries in by_group.items():
+            # Float64 on the wire: the buckets may mix dtypes (the reference gives fp64 for fp64 params).
+            pieces = [(call["norms_sq"] if idx is None else call["norms_sq"][:, idx]).double() for call, idx in entries]
+            flat = torch.cat([x.flatten() for x in pieces])
+            all_reduce_sum_(flat, pg)
+            offset = 0
+            for (call, idx), piece in zip(entries, pieces):
+                summed = flat[offset:offset + piece.numel()].view(piece.shape).to(call["norms_sq"].dtype)
+                offset += piece.numel()
+                if idx is None:
+                    call["norms_sq"] = summed
+                else:
+                    call["norms_sq"][:, idx] = summed
 
     def _needs_host_inf_check(self, group: dict, backend, params: list[Tensor]) -> bool:
         """Whether a skipped step must be known on the host: the reference backend cannot skip on the device, and a
@@ -218,6 +311,7 @@ class _MomentumOptimizer(Optimizer):
                                        if key in ("master_param", "momentum_buffer") and isinstance(v, Tensor)}
                       for k, st in checked["state"].items() if "master_param" in st and k in id_to_param}
         super().load_state_dict(checked)
+        self._norm_cache.clear()  # masters may have been replaced; params are usually loaded alongside
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -278,12 +372,14 @@ class _MomentumOptimizer(Optimizer):
 
     # copy.deepcopy / pickle: torch.optim.Optimizer keeps only defaults, state and param_groups.
     def __getstate__(self):
-        return {**super().__getstate__(), "backend": self.backend}
+        return {**super().__getstate__(), "backend": self.backend, "cache_norms": self.cache_norms}
 
     def __setstate__(self, state):
         super().__setstate__(state)
         if "_step_counters" not in self.__dict__:  # unpickled, not load_state_dict's internal call
             self.backend = state.get("backend", "auto")
+            self.cache_norms = state.get("cache_norms", True)
+            self._norm_cache = {}
             t = max((int(s["step"]) for s in self.state.values() if s.get("step") is not None), default=0)
             self._link_step_counters(t)
 
@@ -333,16 +429,25 @@ class LARS(_MomentumOptimizer):
     Param groups may carry ``lars`` (default True); ``lars=False`` groups (biases, norms) take the plain SGD step.
     With ``trust_clip=True`` the ratio becomes min(ratio / lr, 1) (LARC's clip mode). Equals timm's ``Lars`` with
     ``always_adapt=True``.
+
+    ``cache_norms`` (fused backends): the update that writes p_{t+1} also sums its squares, so the next step's norm
+    pass reads only the grads (24 instead of 28 bytes per fp32 element). The cache is dropped when a parameter (or
+    its fp32 master) is changed by anything else (its version counter moves), on load_state_dict, and in steps
+    traced by torch.compile. A GradScaler-skipped step leaves it valid.
+
+    DTensor parameters (FSDP2 ``fully_shard``): the kernels run on the local shards and the norms of sharded
+    parameters are summed over their ranks with one all-reduce per step (see legw_fused.distributed).
     """
 
     _nonnegative = _MomentumOptimizer._nonnegative + ("trust_coefficient", "eps")
     _flags = _MomentumOptimizer._flags + ("lars", "trust_clip")
 
     def __init__(self, params, lr, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 trust_coefficient=0.001, eps=1e-8, trust_clip=False, *, backend="auto", master_weights=False):
+                 trust_coefficient=0.001, eps=1e-8, trust_clip=False, *, backend="auto", master_weights=False,
+                 cache_norms=True):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, lars=True, trust_coefficient=trust_coefficient, eps=eps,
-                                      trust_clip=trust_clip, master_weights=master_weights), backend)
+                                      trust_clip=trust_clip, master_weights=master_weights), backend, cache_norms)
 
     def _hyperparameters(self, group: dict) -> dict:
         return {**super()._hyperparameters(group), "lars": group["lars"],

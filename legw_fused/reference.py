@@ -23,16 +23,35 @@ from torch import Tensor
 
 from .schedule import LEGW
 
-__all__ = ["step_", "trust_ratios"]
+__all__ = ["step_", "sum_squares", "trust_ratios"]
+
+
+def sum_squares(params: list[Tensor], grads: list[Tensor], masters: list[Tensor] | None = None,
+                param_sq_partials: Tensor | None = None, grad_scale: Tensor | None = None) -> Tensor:
+    """Per-tensor sums of squares, float64 [2, N]: row 0 of the params (the fp32 masters where given), row 1 of
+    the grads times 1/grad_scale. This backend keeps no |p|^2 cache: ``param_sq_partials`` must be None."""
+    if param_sq_partials is not None:
+        raise AssertionError("the reference backend keeps no |p|^2 cache")
+    if not params:
+        return torch.zeros(2, 0, dtype=torch.float64)
+    if grad_scale is not None:
+        grads = torch._foreach_mul([g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in grads],
+                                   grad_scale.double().reciprocal().float())
+    sq = [torch.stack(torch._foreach_norm(x, 2, dtype=torch.float64)) ** 2 for x in (masters or params, grads)]
+    return torch.stack(sq)
 
 
 def trust_ratios(params: list[Tensor], grads: list[Tensor], *, lr, weight_decay: float, trust_coefficient: float,
-                 eps: float, trust_clip: bool) -> Tensor:
-    """LARS trust ratio of every tensor, as one vector (the tensors' dtype) on the bucket's device."""
-    # Norms accumulate in fp64: torch's fp32 accumulation is off by 1e-6 (relative) at 3e5 elements and 8e-5 at
-    # 4e6 on CPU, more than the fused kernels' error; an oracle must be the more accurate side.
-    p_norm = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float64)).to(params[0].dtype)
-    g_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).to(params[0].dtype)
+                 eps: float, trust_clip: bool, norms_sq: Tensor | None = None) -> Tensor:
+    """LARS trust ratio of every tensor, as one vector (the tensors' dtype) on the bucket's device; the norms are
+    the square roots of ``norms_sq`` ([2, N], see sum_squares) where given."""
+    if norms_sq is not None:
+        p_norm, g_norm = norms_sq.to(device=params[0].device, dtype=torch.float64).sqrt().to(params[0].dtype)
+    else:
+        # Norms accumulate in fp64: torch's fp32 accumulation is off by 1e-6 (relative) at 3e5 elements and 8e-5
+        # at 4e6 on CPU, more than the fused kernels' error; an oracle must be the more accurate side.
+        p_norm = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float64)).to(params[0].dtype)
+        g_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).to(params[0].dtype)
     ratio = trust_coefficient * p_norm / (g_norm + weight_decay * p_norm + eps)
     if trust_clip:
         # min(r / lr, 1), and 1 at lr = 0 (the limit; 0/0 would otherwise give NaN when trust_coefficient = 0).
@@ -46,7 +65,7 @@ def trust_ratios(params: list[Tensor], grads: list[Tensor], *, lr, weight_decay:
 
 def _update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], *, lr, momentum: float,
              dampening: float, weight_decay: float, nesterov: bool, lars: bool, trust_coefficient: float,
-             eps: float, trust_clip: bool) -> list[Tensor | None]:
+             eps: float, trust_clip: bool, norms_sq: Tensor | None = None) -> list[Tensor | None]:
     """The update in the tensors' own precision (fp32 or fp64)."""
     # `grads` may be the parameters' own .grad tensors: every op below that could write them is out-of-place.
     d = grads
@@ -54,7 +73,7 @@ def _update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None
         d = torch._foreach_add(grads, params, alpha=weight_decay)
     if lars:
         r = trust_ratios(params, grads, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                         eps=eps, trust_clip=trust_clip)
+                         eps=eps, trust_clip=trust_clip, norms_sq=norms_sq)
         d = torch._foreach_mul(d, list(r.unbind(0)))
     if momentum != 0:
         if all(b is not None for b in bufs):
@@ -75,7 +94,8 @@ def _update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None
 def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], *, lr, step: Tensor,
           momentum: float, dampening: float, weight_decay: float, nesterov: bool, lars: bool = False,
           trust_coefficient: float = 0.0, eps: float = 0.0, trust_clip: bool = False, grad_scale: Tensor | None = None,
-          found_inf: Tensor | None = None, masters: list[Tensor] | None = None) -> list[Tensor | None]:
+          found_inf: Tensor | None = None, masters: list[Tensor] | None = None,
+          norms_sq: Tensor | None = None) -> list[Tensor | None]:
     """Update ``params`` (and the momentum buffers) in place; return the buffers, new ones made on first use.
 
     ``step`` is the device int64 step count (steps already taken); it is read only when ``lr`` is a LEGW schedule.
@@ -83,7 +103,8 @@ def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], 
     bf16/fp16 params, fp32 buffers) the update runs on the masters and the params receive their rounding. Grads are
     multiplied by
     1/grad_scale (GradScaler's unscale, into new tensors). This backend cannot skip on the device: the optimizer
-    reads found_inf on the host and calls it only for finite steps.
+    reads found_inf on the host and calls it only for finite steps. ``norms_sq`` ([2, N], sums of squares of the
+    params and the unscaled grads, e.g. all-reduced over the ranks of a sharded model) replaces the LARS norms.
     """
     if found_inf is not None:
         raise AssertionError("the reference backend is only called for steps known to be finite")
@@ -92,7 +113,7 @@ def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], 
     if isinstance(lr, LEGW):
         lr = lr.lr_tensor(step)
     hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-              lars=lars, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip)
+              lars=lars, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip, norms_sq=norms_sq)
     low_precision = params[0].dtype in (torch.float16, torch.bfloat16)
     if low_precision:
         grads = [g.float() for g in grads]

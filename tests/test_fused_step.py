@@ -140,13 +140,26 @@ def _op_args(n=3, dtype=torch.float32):
     bufs = [torch.randn(p.shape, generator=g).to(dtype) for p in params]
     sched = LEGW(0.5, 32, 256, 0.125, 4, 3)
     return (params, grads, bufs, [], torch.tensor(5), sched.packed("cpu"), None, 0.0, 0.9, 0.0, 1e-4, False, False,
-            True, 0.02, 1e-8, True, None, None)
+            True, 0.02, 1e-8, True, None, None, None, None, False)
 
 
 @pytest.mark.skipif(_ops.EXTENSION_ERROR is not None, reason=str(_ops.EXTENSION_ERROR))
 def test_opcheck():
     for dtype in (torch.float32, torch.bfloat16):
         torch.library.opcheck(torch.ops.legw_fused.fused_step_.default, _op_args(dtype=dtype))
+        # With given norms, and with the |p|^2 cache written (then read).
+        args = list(_op_args(dtype=dtype))
+        args[19] = torch.rand(2, 3)
+        torch.library.opcheck(torch.ops.legw_fused.fused_step_.default, tuple(args))
+        args = list(_op_args(dtype=dtype))
+        args[20] = torch.zeros(3)
+        torch.library.opcheck(torch.ops.legw_fused.fused_step_.default, tuple(args))
+        args[21] = True
+        torch.library.opcheck(torch.ops.legw_fused.fused_step_.default, tuple(args))
+        params, grads = _op_args(dtype=dtype)[:2]
+        for cached in (None, torch.rand(3)):
+            torch.library.opcheck(torch.ops.legw_fused.sum_squares.default,
+                                  (params, grads, [], cached, torch.tensor(4.0)))
 
 
 @pytest.mark.skipif(_ops.EXTENSION_ERROR is not None, reason=str(_ops.EXTENSION_ERROR))

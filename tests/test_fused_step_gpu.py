@@ -105,3 +105,74 @@ def test_tensor_over_2_31_elements(backend):
     # The last elements, beyond int32 indexing, received their own update.
     torch.testing.assert_close(p[-4:].detach(), torch.tensor([0.5, 0.0, -0.5, -1.0], device="cuda"))
     torch.testing.assert_close(p[:2].detach(), torch.tensor([0.5, 0.5], device="cuda"))
+
+
+# ---------------------------------------------------------------------------------------------- LARS norm cache
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_norm_cache_on_gpu(backend):
+    """Cached vs uncached vs the reference; the cache holds the chunk sums of the stored params after each step; an
+    in-place edit between steps is seen."""
+    from test_lars_norms import CFG, SCHED, chunk_sums
+
+    from legw_fused import LARS
+
+    require_gpu_backend(backend)
+    chunk = backends.BACKENDS[backend].norm_chunk
+    g = torch.Generator(device="cuda").manual_seed(3)
+    first = [torch.randn(s, generator=g, device="cuda") for s in SIZES]
+    sets = [[torch.nn.Parameter(t.clone()) for t in first] for _ in range(3)]
+    cached = LARS(sets[0], lr=SCHED, backend=backend, **CFG)
+    uncached = LARS(sets[1], lr=SCHED, backend=backend, cache_norms=False, **CFG)
+    ref = LARS(sets[2], lr=SCHED, backend="torch", cache_norms=False, **CFG)
+    for t in range(10):
+        if t == 5:
+            with torch.no_grad():
+                for params in sets:
+                    params[3].mul_(2.0)
+        for i, p in enumerate(sets[0]):
+            grad = torch.randn(p.shape, generator=g, device="cuda") * 0.5
+            for params in sets:
+                params[i].grad = grad.clone()
+        for opt in (cached, uncached, ref):
+            opt.step()
+        for a, b, c in zip(*sets):
+            assert_close_to_reference(a.detach(), c.detach(), torch.float32)
+            assert_close_to_reference(b.detach(), c.detach(), torch.float32)
+        (entry,) = cached._norm_cache.values()
+        torch.testing.assert_close(entry["partials"].double().cpu(), chunk_sums(sets[0], chunk).cpu(), rtol=2e-6,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_sum_squares_on_gpu(backend):
+    require_gpu_backend(backend)
+    b = backends.BACKENDS[backend]
+    g = torch.Generator(device="cuda").manual_seed(4)
+    params = [torch.randn(s, generator=g, device="cuda") for s in SIZES]
+    grads = [torch.randn(s, generator=g, device="cuda") for s in SIZES]
+    got = b.sum_squares(params, grads, [], None, torch.tensor(4.0, device="cuda"))
+    want = torch.stack([torch.stack([p.double().square().sum() for p in params]),
+                        torch.stack([(x.double() / 4).square().sum() for x in grads])])
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-7)
+
+
+def test_cuda_lars_step_launches_at_most_three_kernels():
+    from torch.profiler import ProfilerActivity, profile
+
+    from legw_fused import LARS
+
+    require_gpu_backend("cuda")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, device="cuda")) for s in SIZES]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, device="cuda")
+    opt = LARS(params, lr=LEGW(0.5, 32, 256, 0.125, 4, 3), momentum=0.9, weight_decay=1e-4, backend="cuda")
+    opt.step()
+    opt.step()  # the cache is valid from here on
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # ours: sum_squares (reads g only), trust ratios, update; torch's: the step-count increment
+    assert len([k for k in kernels if "legw_fused" in k]) == 3, kernels

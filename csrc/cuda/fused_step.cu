@@ -1,4 +1,4 @@
-// CUDA implementation of legw_fused::fused_step_: multi-tensor SGD/LARS launches.
+// CUDA implementation of legw_fused::fused_step_ and legw_fused::sum_squares: multi-tensor SGD/LARS launches.
 //
 // Legend: N tensors per call; a chunk is kChunk consecutive elements of one tensor; one block per chunk.
 // Tensor addresses and the block -> (tensor, chunk) map travel as kernel arguments (__grid_constant__, up to
@@ -8,7 +8,11 @@
 // kChunk); otherwise, and for the tail, one element per thread.
 // The LR is computed by thread 0 of each block from the device step count (no host sync). LARS: per-chunk sums of
 // squares -> per-tensor ratios summed in chunk order by one block per tensor (fixed order: bitwise repeatable) ->
-// update. With found_inf != 0 every kernel returns before writing.
+// update. With found_inf != 0 every kernel returns before writing (except for the |p|^2 cache, below).
+// |p|^2 cache (param_sq_partials, one float per chunk): the update block sums the squares of the values it stores
+// and writes its chunk's sum (no atomics); the next call's sum_squares launch then reads only g, and its ratio
+// launch adds the cached chunk sums in chunk order. Launches per LARS step: 3 (sum_squares, ratios, update); with
+// given norms (norms_sq) 1 (the update computes each tensor's ratio itself); legw_fused::sum_squares is 2.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -23,7 +27,7 @@
 namespace legw_fused {
 namespace {
 
-constexpr int64_t kChunk = 65536;
+constexpr int64_t kChunk = kParamSqChunk;  // the cache layout is the chunking
 constexpr int kThreads = 512;
 constexpr int kMaxTensors = 256;
 constexpr int kMaxBlocks = 1280;
@@ -49,7 +53,14 @@ struct Scalars {
   StepConfig cfg;
   const float* grad_scale;  // null: no unscaling
   const float* found_inf;   // null: never skip
-  const float* ratios;      // LARS trust ratio per tensor of the call, null without LARS
+  const float* ratios;      // LARS trust ratio per tensor of the call, null without LARS or with norms
+  const float* norms;       // given sums of squares [2, n_total] (norms_sq): ratios computed by the update
+  int64_t n_total;          // tensors in the call
+  float trust_coefficient;
+  float eps;
+  bool clip;
+  float* p_sq_out;          // |p|^2 cache: one sum of squares of the stored values per chunk of the call, or null
+  bool p_sq_valid;          // the cache already describes the params (a skipped step leaves it as it is)
 };
 
 __device__ __forceinline__ bool skipped(const Scalars& s) { return s.found_inf != nullptr && *s.found_inf != 0.f; }
@@ -85,23 +96,58 @@ __device__ __forceinline__ void update_one(P* p, const P* g, B* buf, float* mast
   if (kMomentum) buf[i] = static_cast<B>(bv);
 }
 
+// Block-wide sum in a fixed pattern (warp shuffles, then the warps' sums in order): repeatable bit for bit.
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) total += shared[w];
+  }
+  __syncthreads();
+  return total;  // valid in thread 0
+}
+
 template <typename P, typename B, bool kMomentum, bool kMaster>
 __global__ void __launch_bounds__(kThreads)
     update_kernel(const __grid_constant__ TensorMeta meta, const __grid_constant__ Scalars s) {
-  if (skipped(s)) return;
+  __shared__ float shared[kThreads / 32];
   __shared__ float lr_shared;
-  if (threadIdx.x == 0) lr_shared = resolve_lr(s);
-  __syncthreads();
-  const float lr = lr_shared;
+  const bool skip = skipped(s);
+  const bool with_sq = s.p_sq_out != nullptr && !(skip && s.p_sq_valid);
+  if (skip && !with_sq) return;
   const int t = meta.block_tensor[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
   const int64_t end = begin + kChunk < meta.numel[t] ? begin + kChunk : meta.numel[t];
-  const float r = s.ratios != nullptr ? s.ratios[meta.index[t]] : 1.f;
-  const float inv = inv_scale(s);
   P* p = static_cast<P*>(meta.p[t]);
   const P* g = static_cast<const P*>(meta.g[t]);
   B* buf = static_cast<B*>(meta.buf[t]);
   float* master = meta.master[t];
+  float sq = 0.f;  // sum of squares of this thread's stored values, for the |p|^2 cache
+  if (skip) {
+    // A GradScaler skips the step: the cache must describe the unchanged values.
+    for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+      const float v = kMaster ? master[j] : static_cast<float>(p[j]);
+      sq += v * v;
+    }
+    sq = block_sum(sq, shared);
+    if (threadIdx.x == 0) s.p_sq_out[meta.block_global_chunk[blockIdx.x]] = sq;
+    return;
+  }
+  if (threadIdx.x == 0) lr_shared = resolve_lr(s);
+  __syncthreads();
+  const float lr = lr_shared;
+  float r = 1.f;
+  if (s.norms != nullptr) {
+    const int64_t k = meta.index[t];
+    r = trust_ratio(sqrtf(s.norms[k]), sqrtf(s.norms[s.n_total + k]), lr, s.trust_coefficient,
+                    s.cfg.weight_decay, s.eps, s.clip);
+  } else if (s.ratios != nullptr) {
+    r = s.ratios[meta.index[t]];
+  }
+  const float inv = inv_scale(s);
 
   constexpr int kVec = 16 / sizeof(P);
   int64_t i = begin;
@@ -126,6 +172,8 @@ __global__ void __launch_bounds__(kThreads)
         if (kMaster) mv.v[k] = x;
         pv.v[k] = static_cast<P>(x);
         if (kMomentum) bv.v[k] = static_cast<B>(b);
+        const float stored = kMaster ? x : static_cast<float>(pv.v[k]);
+        sq += stored * stored;
       }
       *reinterpret_cast<Pack<P, kVec>*>(p + j) = pv;
       if (kMomentum) *reinterpret_cast<Pack<B, kVec>*>(buf + j) = bv;
@@ -135,26 +183,19 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int64_t j = i + threadIdx.x; j < end; j += blockDim.x) {
     update_one<P, B, kMomentum, kMaster>(p, g, buf, master, j, lr, r, inv, s.cfg);
+    const float stored = kMaster ? master[j] : static_cast<float>(p[j]);
+    sq += stored * stored;
   }
-}
-
-// Block-wide sum in a fixed pattern (warp shuffles, then the warps' sums in order): repeatable bit for bit.
-__device__ __forceinline__ float block_sum(float v, float* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  float total = 0.f;
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) total += shared[w];
+  if (with_sq) {  // uniform over the block: every thread reaches block_sum's barriers
+    sq = block_sum(sq, shared);
+    if (threadIdx.x == 0) s.p_sq_out[meta.block_global_chunk[blockIdx.x]] = sq;
   }
-  __syncthreads();
-  return total;  // valid in thread 0
 }
 
 template <typename P>
 __global__ void __launch_bounds__(kThreads)
-    sum_squares_kernel(const __grid_constant__ TensorMeta meta, const __grid_constant__ Scalars s, float* partials) {
+    sum_squares_kernel(const __grid_constant__ TensorMeta meta, const __grid_constant__ Scalars s, float* partials,
+                       bool with_p) {
   if (skipped(s)) return;
   __shared__ float shared[kThreads / 32];
   const int t = meta.block_tensor[blockIdx.x];
@@ -164,9 +205,12 @@ __global__ void __launch_bounds__(kThreads)
   const P* g = static_cast<const P*>(meta.g[t]);
   float p_sq = 0.f, g_sq = 0.f;
   for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
-    const float pv = meta.master[t] != nullptr ? meta.master[t][j] : static_cast<float>(static_cast<P*>(meta.p[t])[j]);
+    if (with_p) {  // otherwise the |p|^2 cache holds this chunk's sum
+      const float pv = meta.master[t] != nullptr ? meta.master[t][j]
+                                                 : static_cast<float>(static_cast<const P*>(meta.p[t])[j]);
+      p_sq += pv * pv;
+    }
     const float gv = static_cast<float>(g[j]) * inv;
-    p_sq += pv * pv;
     g_sq += gv * gv;
   }
   p_sq = block_sum(p_sq, shared);
@@ -184,27 +228,33 @@ constexpr int kMaxRatioTensors = 2048;
 struct RatioMeta {
   int32_t first_chunk[kMaxRatioTensors + 1];  // tensor t of this launch owns chunks [first_chunk[t], [t + 1])
   int32_t tensor_base;                        // index of this launch's tensor 0 in the call
+  int32_t n_total;                            // tensors in the call
 };
 
-// One block per tensor: its chunk partials in order -> the trust ratio.
+// One block per tensor: its chunk partials in order (the p partials from the |p|^2 cache `p_cached` where given)
+// -> its trust ratio in `out`, or with `sums` its two sums of squares at out[t] and out[n_total + t].
 __global__ void __launch_bounds__(kThreads)
-    trust_ratio_kernel(const __grid_constant__ RatioMeta meta, const float* partials, float* ratios,
-                       const __grid_constant__ Scalars s, float trust_coefficient, float weight_decay, float eps,
-                       bool clip) {
+    trust_ratio_kernel(const __grid_constant__ RatioMeta meta, const float* partials, const float* p_cached,
+                       float* out, bool sums, const __grid_constant__ Scalars s) {
   if (skipped(s)) return;
   __shared__ float shared[kThreads / 32];
   const int t = blockIdx.x;
   float p_sq = 0.f, g_sq = 0.f;
   for (int c = meta.first_chunk[t] + threadIdx.x; c < meta.first_chunk[t + 1]; c += blockDim.x) {
-    p_sq += partials[2 * c];
+    p_sq += p_cached != nullptr ? p_cached[c] : partials[2 * c];
     g_sq += partials[2 * c + 1];
   }
   p_sq = block_sum(p_sq, shared);
   g_sq = block_sum(g_sq, shared);
   if (threadIdx.x == 0) {
-    const float lr = clip ? resolve_lr(s) : 1.f;
-    ratios[meta.tensor_base + t] = trust_ratio(sqrtf(p_sq), sqrtf(g_sq), lr, trust_coefficient, weight_decay,
-                                               eps, clip);
+    const int64_t k = static_cast<int64_t>(meta.tensor_base) + t;
+    if (sums) {
+      out[k] = p_sq;
+      out[meta.n_total + k] = g_sq;
+    } else {
+      const float lr = s.clip ? resolve_lr(s) : 1.f;
+      out[k] = trust_ratio(sqrtf(p_sq), sqrtf(g_sq), lr, s.trust_coefficient, s.cfg.weight_decay, s.eps, s.clip);
+    }
   }
 }
 
@@ -252,6 +302,34 @@ void for_each_launch(at::TensorList params, at::TensorList grads, at::TensorList
   if (n_blocks > 0) launch(meta, n_blocks);
 }
 
+// Per-tensor sums of squares (sums) or trust ratios of a call: the first launch sums chunks, the ratio launch adds
+// them per tensor in chunk order.
+template <typename P>
+void reduce_norms(at::TensorList params, at::TensorList grads, at::TensorList masters, const Scalars& s,
+                  const float* p_cached, float* out, bool sums, cudaStream_t stream) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  std::vector<int32_t> first_chunk(n + 1, 0);
+  for (int64_t t = 0; t < n; ++t)
+    first_chunk[t + 1] = first_chunk[t] + static_cast<int32_t>((params[t].numel() + kChunk - 1) / kChunk);
+  at::Tensor partials = at::empty({2 * std::max(first_chunk.back(), 1)}, params[0].options().dtype(at::kFloat));
+  for_each_launch(params, grads, {}, masters, [&](const TensorMeta& meta, int n_blocks) {
+    sum_squares_kernel<P><<<n_blocks, kThreads, 0, stream>>>(meta, s, partials.data_ptr<float>(),
+                                                             p_cached == nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  for (int64_t base = 0; base < n; base += kMaxRatioTensors) {
+    const int64_t count = std::min<int64_t>(kMaxRatioTensors, n - base);
+    RatioMeta meta{};
+    meta.tensor_base = static_cast<int32_t>(base);
+    meta.n_total = static_cast<int32_t>(n);
+    std::copy(first_chunk.begin() + base, first_chunk.begin() + base + count + 1, meta.first_chunk);
+    // every tensor's block writes its entry (sums 0, ratio 1 for empty tensors): `out` needs no initialisation
+    trust_ratio_kernel<<<static_cast<unsigned>(count), kThreads, 0, stream>>>(meta, partials.data_ptr<float>(),
+                                                                             p_cached, out, sums, s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 }  // namespace
 
 void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList masters,
@@ -259,9 +337,11 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      const c10::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
                      double weight_decay, bool nesterov, bool first_step, bool lars, double trust_coefficient,
                      double eps, bool trust_clip, const c10::optional<at::Tensor>& grad_scale,
-                     const c10::optional<at::Tensor>& found_inf) {
+                     const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& norms_sq,
+                     const c10::optional<at::Tensor>& param_sq_partials, bool param_sq_cached) {
   check_fused_step_args(params, grads, bufs, masters, step, schedule, momentum,
                         {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}});
+  check_norm_args("fused_step_", params, norms_sq, param_sq_partials, param_sq_cached);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -279,32 +359,21 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      nesterov, first_step};
   s.grad_scale = scale_f.has_value() ? scale_f->data_ptr<float>() : nullptr;
   s.found_inf = inf_f.has_value() ? inf_f->data_ptr<float>() : nullptr;
+  s.n_total = static_cast<int64_t>(params.size());
+  s.trust_coefficient = static_cast<float>(trust_coefficient);
+  s.eps = static_cast<float>(eps);
+  s.clip = trust_clip;
+  s.norms = lars && norms_sq.has_value() ? norms_sq->data_ptr<float>() : nullptr;
+  s.p_sq_out = param_sq_partials.has_value() ? param_sq_partials->data_ptr<float>() : nullptr;
+  s.p_sq_valid = param_sq_cached;
 
   dispatch_param_type(params[0].scalar_type(), [&](auto tag) {
     using P = decltype(tag);
     at::Tensor ratios;
-    if (lars) {
-      const int64_t n = static_cast<int64_t>(params.size());
-      std::vector<int32_t> first_chunk(n + 1, 0);
-      for (int64_t t = 0; t < n; ++t)
-        first_chunk[t + 1] = first_chunk[t] + static_cast<int32_t>((params[t].numel() + kChunk - 1) / kChunk);
-      const auto options = params[0].options().dtype(at::kFloat);
-      at::Tensor partials = at::empty({2 * std::max(first_chunk.back(), 1)}, options);
-      ratios = at::empty({n}, options);  // every tensor's block writes its ratio (1 for empty tensors)
-      for_each_launch(params, grads, bufs, masters, [&](const TensorMeta& meta, int n_blocks) {
-        sum_squares_kernel<P><<<n_blocks, kThreads, 0, stream>>>(meta, s, partials.data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-      for (int64_t base = 0; base < n; base += kMaxRatioTensors) {
-        const int64_t count = std::min<int64_t>(kMaxRatioTensors, n - base);
-        RatioMeta meta{};
-        meta.tensor_base = static_cast<int32_t>(base);
-        std::copy(first_chunk.begin() + base, first_chunk.begin() + base + count + 1, meta.first_chunk);
-        trust_ratio_kernel<<<static_cast<unsigned>(count), kThreads, 0, stream>>>(
-            meta, partials.data_ptr<float>(), ratios.data_ptr<float>(), s, static_cast<float>(trust_coefficient),
-            static_cast<float>(weight_decay), static_cast<float>(eps), trust_clip);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+    if (lars && !norms_sq.has_value()) {
+      ratios = at::empty({s.n_total}, params[0].options().dtype(at::kFloat));
+      reduce_norms<P>(params, grads, masters, s, param_sq_cached ? s.p_sq_out : nullptr, ratios.data_ptr<float>(),
+                      false, stream);
       s.ratios = ratios.data_ptr<float>();
     }
     const bool has_momentum = momentum != 0.0;
@@ -325,6 +394,33 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   });
 }
 
-TORCH_LIBRARY_IMPL(legw_fused, CUDA, m) { m.impl("fused_step_", &fused_step_cuda); }
+at::Tensor sum_squares_cuda(at::TensorList params, at::TensorList grads, at::TensorList masters,
+                            const c10::optional<at::Tensor>& param_sq_partials,
+                            const c10::optional<at::Tensor>& grad_scale) {
+  check_sum_squares_args(params, grads, masters, grad_scale);
+  check_norm_args("sum_squares", params, c10::nullopt, param_sq_partials, false);
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (n == 0) return at::zeros({2, 0}, at::TensorOptions().dtype(at::kFloat));
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto scale_f = grad_scale.has_value() ? c10::optional<at::Tensor>(grad_scale->to(at::kFloat).contiguous())
+                                              : c10::nullopt;
+  Scalars s{};
+  s.grad_scale = scale_f.has_value() ? scale_f->data_ptr<float>() : nullptr;
+  s.n_total = n;
+  at::Tensor out = at::empty({2, n}, params[0].options().dtype(at::kFloat));
+  dispatch_param_type(params[0].scalar_type(), [&](auto tag) {
+    using P = decltype(tag);
+    reduce_norms<P>(params, grads, masters, s,
+                    param_sq_partials.has_value() ? param_sq_partials->data_ptr<float>() : nullptr,
+                    out.data_ptr<float>(), true, stream);
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(legw_fused, CUDA, m) {
+  m.impl("fused_step_", &fused_step_cuda);
+  m.impl("sum_squares", &sum_squares_cuda);
+}
 
 }  // namespace legw_fused

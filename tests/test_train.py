@@ -139,3 +139,19 @@ def test_batch_larger_than_training_set_is_a_clear_error(tmp_path, capsys):
                  "--out", str(tmp_path), "--quiet", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--batch-sizes" in err and "512" in err and "300" in err
+
+
+@needs_mnist
+def test_micro_batches_give_the_same_training(tmp_path):
+    """Accumulating the gradients of chunks is the full batch's update: the same losses and metrics."""
+    res = []
+    for micro in ("32", "256"):
+        out = tmp_path / micro
+        assert main(["train", "mnist", "--train-items", "512", "--eval-items", "200", "--batch-sizes", "256",
+                     "--schemes", "legw", "--epochs", "2", "--micro-batch", micro, "--out", str(out), "--quiet",
+                     "--device", "cpu"]) == 0
+        res.append(json.loads((out / "mnist" / "results.json").read_text())["runs"][0])
+    assert res[0]["history"][0]["train_loss"] != res[0]["history"][1]["train_loss"]  # it did train
+    for a, b in zip(res[0]["history"], res[1]["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val"] == pytest.approx(b["val"], abs=1 / 200)  # at most one of 200 predictions flips

@@ -86,7 +86,8 @@ def _train(args) -> int:
     run(args.task, preset="full" if args.full else "quick", batch_sizes=args.batch_sizes, schemes=args.schemes,
         epochs=args.epochs, train_items=args.train_items, eval_items=args.eval_items, optimizer=args.optimizer,
         base_lr=args.base_lr, base_warmup_epochs=args.base_warmup_epochs,
-        micro_batch=args.micro_batch or "auto", device=args.device, seed=args.seed, out=args.out, quiet=args.quiet, argv=args.argv)
+        micro_batch=args.micro_batch or "auto", device=args.device, seed=args.seed, out=args.out, quiet=args.quiet,
+        argv=args.argv)
     return 0
 
 

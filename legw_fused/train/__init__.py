@@ -39,8 +39,8 @@ def _commit() -> str | None:
 
 
 def run(task_name: str, *, preset: str = "quick", batch_sizes=None, schemes=None, epochs=None, train_items=None,
-        eval_items=None, optimizer: str = "sgd", base_lr=None, base_warmup_epochs=None, micro_batch="auto", device: str = "cpu", seed: int = 0, out="results",
-        quiet: bool = False, argv=None) -> dict:
+        eval_items=None, optimizer: str = "sgd", base_lr=None, base_warmup_epochs=None, micro_batch="auto",
+        device: str = "cpu", seed: int = 0, out="results", quiet: bool = False, argv=None) -> dict:
     """Run the sweep and write results.json, results.md (the table) and the plots under ``out``/``task_name``."""
     task_cls = TASKS[task_name]
     p = task_cls.PRESETS[preset]
@@ -96,7 +96,8 @@ def run(task_name: str, *, preset: str = "quick", batch_sizes=None, schemes=None
 
     results = {
         "task": task_name, "metric": task.metric, "higher_is_better": task.higher_is_better, "preset": preset,
-        "optimizer": optimizer, "data": task.describe(), "train_items": len(task), "epochs": epochs, "batch_sizes": batch_sizes,
+        "optimizer": optimizer, "data": task.describe(), "train_items": len(task), "epochs": epochs,
+        "batch_sizes": batch_sizes,
         "schemes": schemes, "seed": seed, "base_batch": BASE_BATCH, "micro_batch": micro_batch,
         "baseline": {"lr": baseline.lr, "warmup_epochs": baseline.warmup_epochs, "momentum": baseline.momentum,
                      "weight_decay": baseline.weight_decay, "decay": "poly", "power": 2.0,

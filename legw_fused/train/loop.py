@@ -142,7 +142,8 @@ def add_time_to_target(runs: list[dict], higher_is_better: bool) -> dict | None:
 def lr_curve(schedule: LEGW, points: int = 400) -> dict:
     """The schedule sampled at about ``points`` steps plus the warmup's end (for the LR plot)."""
     T, W = schedule.total_steps, schedule.warmup_steps
-    steps = sorted({t for t in (0, W - 1, W) if 0 <= t < T} | {round(i * (T - 1) / (points - 1)) for i in range(points)})
+    steps = sorted({t for t in (0, W - 1, W) if 0 <= t < T} |
+                   {round(i * (T - 1) / (points - 1)) for i in range(points)})
     return {"steps": steps, "lr": [schedule(t) for t in steps]}
 
 

@@ -102,8 +102,9 @@ class MnistTask:
 
 class CharLMTask:
     """Character LM on Shakespeare: windows of T+1 characters (inputs ids[:-1], targets ids[1:]), embedding 64,
-    LSTM 128 (small enough for a CPU), decoder to V; metric: bits per character (lower). Windows do not overlap and carry no state between
-    batches, so an item is independent of the batch it lands in (what a batch-size sweep needs)."""
+    LSTM 128 (small enough for a CPU), decoder to V; metric: bits per character (lower). Windows do not overlap
+    and carry no state between batches, so an item is independent of the batch it lands in (what a batch-size
+    sweep needs)."""
 
     name = "charlm"
     metric = "bpc"

@@ -87,3 +87,11 @@ def test_bench_missing_module_is_a_clear_error(capsys, monkeypatch):
     assert main(["bench", "lstm", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "legw_fused.bench.lstm" in err and "bench/lstm.py" in err
+
+
+def test_schedule_plot_writes_a_png(tmp_path, capsys):
+    path = tmp_path / "lr.png"
+    assert main(["schedule", "--base-lr", "0.1", "--base-batch-size", "128", "--batch-size", "512",
+                 "--base-warmup-epochs", "0.25", "--steps-per-epoch", "10", "--epochs", "3", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(path) in capsys.readouterr().err

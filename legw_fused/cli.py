@@ -40,6 +40,22 @@ def _schedule(args) -> int:
     every = max(1, args.every)
     for t in range(0, sched.total_steps, every):
         print(f"{t}\t{sched(t):.10g}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(range(sched.total_steps), [sched(t) for t in range(sched.total_steps)])
+        ax.set_xlabel("step")
+        ax.set_ylabel("learning rate")
+        ax.set_title(repr(sched), fontsize="small")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        plt.close(fig)
+        print(f"# wrote {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -48,6 +64,47 @@ def _demo(args) -> int:
 
     demo.run(seed=args.seed, quiet=args.quiet)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _train(args) -> int:
+    from .train import run
+    from .train.data import require
+
+    require(args.task)  # a missing data package fails here, before any work, with its install command
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    run(args.task, preset="full" if args.full else "quick", batch_sizes=args.batch_sizes, schemes=args.schemes,
+        epochs=args.epochs, train_items=args.train_items, eval_items=args.eval_items, optimizer=args.optimizer,
+        base_lr=args.base_lr, base_warmup_epochs=args.base_warmup_epochs,
+        micro_batch=args.micro_batch or "auto", device=args.device, seed=args.seed, out=args.out, quiet=args.quiet,
+        argv=args.argv)
+    return 0
+
+
+def _bench(args) -> int:
+    import importlib
+
+    module = f"legw_fused.bench.{args.which}"
+    try:
+        bench = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name not in (module, "legw_fused.bench"):
+            raise
+        print(f"legw-fused bench {args.which}: error: {module} is not part of this install ({exc}); it is "
+              f"bench/{args.which}.py in the repository, installed as {module} by `pip install .`", file=sys.stderr)
+        return 2
+    result = bench.main(args.args)
+    return result if isinstance(result, int) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +128,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scaling", default="sqrt")
     s.add_argument("--warmup-scaling", default="linear")
     s.add_argument("--every", type=int, default=1, help="print every N-th step")
+    s.add_argument("--plot", metavar="FILE", help="also draw the schedule into this PNG file")
     s.set_defaults(func=_schedule)
+
+    from .train import SCHEMES, TASKS
+
+    t = sub.add_parser("train", help="LEGW batch-size sweep on real data (mnist: MNIST-LSTM; charlm: "
+                                     "Shakespeare character LM); --quick (default) or --full",
+                       description="Train the task's model at each batch size under each scheme, from one baseline "
+                                   "tuned at batch 128; print a table and write results.json, results.md and plots.")
+    t.add_argument("task", choices=sorted(TASKS))
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the default: a few minutes on a 2-core CPU (a subset, "
+                                                           "few epochs, batch 128/1024/8192, legw vs linear-goyal)")
+    mode.add_argument("--full", action="store_true", help="the paper-scale sweep (batch 128..8192, all schemes; "
+                                                          "hours on a CPU)")
+    t.add_argument("--batch-sizes", type=_positive_int, nargs="+", metavar="B", help="override the preset's")
+    t.add_argument("--schemes", nargs="+", choices=list(SCHEMES), metavar="SCHEME",
+                   help=f"override the preset's; any of {', '.join(SCHEMES)}")
+    t.add_argument("--epochs", type=_positive_int, help="override the preset's (the same at every batch size)")
+    t.add_argument("--train-items", type=_positive_int, metavar="N",
+                   help="use the first N training items (images / character windows)")
+    t.add_argument("--eval-items", type=_positive_int, metavar="N", help="evaluate on the first N val/test items")
+    t.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd",
+                   help="legw_fused.SGD (momentum) or legw_fused.LARS, each with its own tuned baseline")
+    t.add_argument("--base-lr", type=float, metavar="LR", help="replace the tuned baseline's peak LR (for tuning it)")
+    t.add_argument("--base-warmup-epochs", type=float, metavar="EPOCHS",
+                   help="replace the tuned baseline's warmup epochs (for tuning it)")
+    t.add_argument("--micro-batch", type=_positive_int, metavar="N",
+                   help="compute each batch in chunks of N items, accumulating gradients (the same update); default "
+                        "256 on a CPU (faster per sample there), whole batches on a GPU")
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="results", help="output folder (results go to OUT/TASK/)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=_train)
+
+    b = sub.add_parser("bench", help="run a benchmark (bench/optimizer.py or bench/lstm.py); further arguments "
+                                     "go to it (legw-fused bench optimizer --help)")
+    b.add_argument("which", choices=["optimizer", "lstm"])
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    b.set_defaults(func=_bench)
 
     d = sub.add_parser("demo", help="short LEGW demonstration on synthetic data (about a minute on 2 CPU cores)")
     d.add_argument("--seed", type=int, default=0)
@@ -81,10 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
+    from .train.data import MissingDataset
+
     try:
         return args.func(args)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, MissingDataset) as exc:
         print(f"legw-fused {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -194,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     PointwiseBwd pointwise, const c10::optional<at::Tensor>& dout_in, const c10::optional<at::Tensor>& dh_n,
     const c10::optional<at::Tensor>& dc_n, const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& out, const at::Tensor& act, const at::Tensor& cs,
-    bool reverse) {
+    bool reverse, bool compute_dx) {
   const at::Tensor x = x_in.contiguous();
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1), G = 4 * H;
   const auto acc = acc_type(x.scalar_type());
@@ -219,14 +219,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::mm_out(dh_s, da_t, w_hh);
     }
   });
-  // h_prev[t]: the hidden state that step t read.
-  at::Tensor h_prev = reverse ? at::cat({out.slice(0, 1), h0.unsqueeze(0)})
-                               : at::cat({h0.unsqueeze(0), out.slice(0, 0, T - 1)});
   const at::Tensor da2 = da.view({T * B, G});
   at::Tensor dw_ih = at::mm(da2.t(), x.view({T * B, I}));
-  at::Tensor dw_hh = at::mm(da2.t(), h_prev.reshape({T * B, H}));
+  // dW_hh = Σ_t dA[t]ᵀ·h_prev[t], where h_prev[t] is out[t∓1] or h0: one GEMM over the T-1 steps that read an
+  // output row, plus the one step that read h0 (no [T, B, H] concatenation).
+  at::Tensor dw_hh;
+  if (T == 1) {
+    dw_hh = at::mm(da[0].t(), h0);
+  } else {
+    const int64_t first = reverse ? T - 1 : 0;  // the step that read h0
+    const at::Tensor da_rest = (reverse ? da.slice(0, 0, T - 1) : da.slice(0, 1)).reshape({(T - 1) * B, G});
+    const at::Tensor h_rest = (reverse ? out.slice(0, 1) : out.slice(0, 0, T - 1)).reshape({(T - 1) * B, H});
+    dw_hh = at::addmm(at::mm(da[first].t(), h0), da_rest.t(), h_rest);
+  }
   at::Tensor db = at::sum(da2, {0}, /*keepdim=*/false, acc).to(x.scalar_type());
-  at::Tensor dx = at::mm(da2, w_ih).view({T, B, I});
+  // The input gradient only when asked for: a network's first layer reads data that needs none.
+  at::Tensor dx = compute_dx ? at::mm(da2, w_ih).view({T, B, I}) : at::empty({0}, x.options());
   return {dx, dw_ih, dw_hh, db, dh, dc.to(x.scalar_type())};
 }
 
@@ -242,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& dout, const c10::optional<at::Tensor>& dh_n,
     const c10::optional<at::Tensor>& dc_n, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& out, const at::Tensor& act, const at::Tensor& cs,
-    bool reverse) {
-  return layer_bwd(pointwise_bwd_cpu, dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, act, cs, reverse);
+    bool reverse, bool compute_dx) {
+  return layer_bwd(pointwise_bwd_cpu, dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, act, cs, reverse, compute_dx);
 }
 
 #ifdef LEGW_FUSED_WITH_CUDA
@@ -257,8 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& dout, const c10::optional<at::Tensor>& dh_n,
     const c10::optional<at::Tensor>& dc_n, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& out, const at::Tensor& act, const at::Tensor& cs,
-    bool reverse) {
-  return layer_bwd(pointwise_bwd_cuda, dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, act, cs, reverse);
+    bool reverse, bool compute_dx) {
+  return layer_bwd(pointwise_bwd_cuda, dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, act, cs, reverse, compute_dx);
 }
 #endif
 
@@ -273,10 +281,10 @@ TORCH_LIBRARY_FRAGMENT(legw_fused, m) {
       "lstm_layer_fwd(Tensor x, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor h0, Tensor c0, "
       "bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Its backward: gradients of out/h_n/c_n in (any may be absent), returns (dx, dw_ih, dw_hh, db, dh0, dc0);
-  // db is the gradient of both b_ih and b_hh.
+  // db is the gradient of both b_ih and b_hh; dx is empty ([0]) unless compute_dx.
   m.def(
       "lstm_layer_bwd(Tensor? dout, Tensor? dh_n, Tensor? dc_n, Tensor x, Tensor w_ih, Tensor w_hh, Tensor h0, "
-      "Tensor c0, Tensor out, Tensor gates, Tensor cs, bool reverse) "
+      "Tensor c0, Tensor out, Tensor gates, Tensor cs, bool reverse, bool compute_dx) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -24,8 +24,8 @@ if _ops._C is not None and hasattr(torch.ops.legw_fused, "lstm_layer_fwd"):
                 x.new_empty(T, B, H, dtype=_acc(x.dtype)))
 
     @torch.library.register_fake("legw_fused::lstm_layer_bwd")
-    def _bwd_fake(dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, gates, cs, reverse):
-        return (torch.empty_like(x), torch.empty_like(w_ih), torch.empty_like(w_hh), x.new_empty(w_hh.shape[0]),
+    def _bwd_fake(dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, gates, cs, reverse, compute_dx):
+        return (torch.empty_like(x) if compute_dx else x.new_empty(0), torch.empty_like(w_ih), torch.empty_like(w_hh), x.new_empty(w_hh.shape[0]),
                 torch.empty_like(h0), torch.empty_like(c0))
 
     def _setup_context(ctx, inputs, output):
@@ -35,12 +35,16 @@ if _ops._C is not None and hasattr(torch.ops.legw_fused, "lstm_layer_fwd"):
         ctx.reverse = reverse
         ctx.bias = (b_ih is not None, b_hh is not None)
         ctx.mark_non_differentiable(gates, cs)
+        # Gradients that do not exist stay None instead of zero tensors: the saved gates alone are [T, B, 4H].
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, dout, dh_n, dc_n, _dgates, _dcs):
         x, w_ih, w_hh, h0, c0, out, gates, cs = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
         dx, dw_ih, dw_hh, db, dh0, dc0 = torch.ops.legw_fused.lstm_layer_bwd(
-            dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, gates, cs, ctx.reverse)
-        return (dx, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None, dh0, dc0, None)
+            dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, gates, cs, ctx.reverse, need_dx)
+        return (dx if need_dx else None, dw_ih, dw_hh, db if ctx.bias[0] else None, db if ctx.bias[1] else None,
+                dh0, dc0, None)
 
     torch.library.register_autograd("legw_fused::lstm_layer_fwd", _backward, setup_context=_setup_context)
 
@@ -64,7 +68,7 @@ def _input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor
     return gates.view(T, B, -1)
 
 
-def _weight_grads(da: Tensor, x: Tensor, w_ih: Tensor, h0: Tensor, out: Tensor, reverse: bool):
+def _weight_grads(da: Tensor, x: Tensor, w_ih: Tensor, h0: Tensor, out: Tensor, reverse: bool, need_dx: bool):
     """The large GEMMs after the time loop: dx, dW_ih, dW_hh, db from dA [T, B, G]."""
     T, B, G = da.shape
     # h_prev[t]: the hidden state step t read.
@@ -73,7 +77,7 @@ def _weight_grads(da: Tensor, x: Tensor, w_ih: Tensor, h0: Tensor, out: Tensor, 
     dw_ih = da2.t() @ x.reshape(T * B, -1)
     dw_hh = da2.t() @ h_prev.reshape(T * B, -1)
     db = da2.sum(0, dtype=torch.float32 if da.dtype != torch.float64 else torch.float64).to(da.dtype)
-    dx = (da2 @ w_ih).view(T, B, -1)
+    dx = (da2 @ w_ih).view(T, B, -1) if need_dx else None
     return dx, dw_ih, dw_hh, db
 
 
@@ -99,7 +103,7 @@ class _TritonLayer(torch.autograd.Function):
 
         x, w_ih, w_hh, h0, c0_acc, out, gates, cs = ctx.saved_tensors
         da, dh0, dc0 = K.layer_backward(gates, cs, c0_acc, dout.contiguous(), dh_n, dc_n, w_hh, ctx.reverse)
-        dx, dw_ih, dw_hh, db = _weight_grads(da, x, w_ih, h0, out, ctx.reverse)
+        dx, dw_ih, dw_hh, db = _weight_grads(da, x, w_ih, h0, out, ctx.reverse, ctx.needs_input_grad[0])
         return (dx, dh0.to(h0.dtype), dc0.to(h0.dtype), dw_ih, dw_hh, db if ctx.bias[0] else None,
                 db if ctx.bias[1] else None, None)
 

@@ -226,7 +226,7 @@ def test_opcheck_compiled_ops():
         out, h_n, c_n, gates, cs = torch.ops.legw_fused.lstm_layer_fwd(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse)
         torch.library.opcheck(torch.ops.legw_fused.lstm_layer_bwd,
                               (torch.randn_like(out), torch.randn_like(h_n), None, x, w_ih, w_hh, h0, c0, out, gates,
-                               cs, reverse))
+                               cs, reverse, True))
 
 
 def test_cuda_lstm_kernels_linked_when_forced():

@@ -26,6 +26,15 @@ def _info(_args) -> int:
         devices = row["device_types"] if isinstance(row["device_types"], str) else "/".join(row["device_types"])
         print(f"{name:<8}{devices:<9}{'yes' if row['available'] else 'no':<11}{row['reason'] or row['description']}")
     print("auto picks: " + ", ".join(f"{dev} -> {name}" for dev, name in auto.items()))
+    from .lstm_backends import LSTM_AUTO_ORDER, LSTM_BACKENDS, select_lstm_backend
+
+    print(f"\n{'LSTM':<8}{'devices':<9}{'available':<11}why not / what")
+    for name, b in LSTM_BACKENDS.items():
+        reason = b.unavailable_reason()
+        devices = "/".join(b.device_types) if b.device_types else "any"
+        print(f"{name:<8}{devices:<9}{'yes' if reason is None else 'no':<11}{reason or b.description}")
+    print("auto picks: " + ", ".join(f"{dev} -> {select_lstm_backend('auto', torch.device(dev)).name}"
+                                     for dev in LSTM_AUTO_ORDER))
     return 0
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import legw_fused
-from legw_fused.bench.optimizer import cpu_medians_ms, cuda_median_ms, metadata
+from legw_fused.bench.optimizer import cpu_medians_ms, cuda_median_ms, metadata, write_results
 from legw_fused.functional import lstm_layer_reference
 from legw_fused.lstm_backends import LSTM_AUTO_ORDER, LSTM_BACKENDS
 
@@ -189,13 +188,7 @@ def main(argv=None) -> int:
     for s in settings:
         batches = args.batches or (CPU_DEFAULT.get(s) if device.type == "cpu" else None)
         rows += run_setting(s, device, batches, args.warmup, args.reps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"lstm_{device.type}"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    table = markdown(meta, rows)
-    (out / f"{stem}.md").write_text(table)
-    print(table)
+    write_results(args.out, f"lstm_{device.type}", meta, rows, markdown(meta, rows))
     return 0
 
 

@@ -199,6 +199,15 @@ def metadata(device: torch.device) -> dict:
             "schedule": SCHED, "hyperparameters": HP}
 
 
+def write_results(out: str | Path, stem: str, meta: dict, rows: list[dict], table: str) -> None:
+    """<out>/<stem>.json (meta + rows) and <stem>.md (the table), then print the table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"Optimizer step, {meta['device_name']} ({meta['device']}, {meta['threads']} threads), torch "
              f"{meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']}", "",
@@ -226,13 +235,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown set(s) {unknown}; choose from {list(shape_sets.SETS)}")
     meta = metadata(device)
     rows = [r for s in sets for r in run_set(s, device, args.warmup, args.reps)]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"optimizer_{device.type}"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    table = markdown(meta, rows)
-    (out / f"{stem}.md").write_text(table)
-    print(table)
+    write_results(args.out, f"optimizer_{device.type}", meta, rows, markdown(meta, rows))
     return 0
 
 

@@ -51,6 +51,13 @@ def _dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _gate_blocks(ptrs, mask, H):
+    # The four [H, H] gate blocks of W_hh (rows g·H .. g·H + H - 1), at the offsets ``ptrs`` gives within a block.
+    return (tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + H * H, mask=mask, other=0.0),
+            tl.load(ptrs + 2 * H * H, mask=mask, other=0.0), tl.load(ptrs + 3 * H * H, mask=mask, other=0.0))
+
+
+@triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
@@ -89,11 +96,7 @@ def _lstm_fwd_persistent(gates_ptr, w_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, T, B
     m2 = rmask[:, None] & cmask[None, :]
     # W_g^T [k, j] = W_hh[g·H + j, k]: loaded once for the whole sequence.
     wmask = (k[:, None] < H) & cmask[None, :]
-    wt = w_ptr + cols[None, :] * H + k[:, None]
-    w_i = tl.load(wt, mask=wmask, other=0.0)
-    w_f = tl.load(wt + H * H, mask=wmask, other=0.0)
-    w_g = tl.load(wt + 2 * H * H, mask=wmask, other=0.0)
-    w_o = tl.load(wt + 3 * H * H, mask=wmask, other=0.0)
+    w_i, w_f, w_g, w_o = _gate_blocks(w_ptr + cols[None, :] * H + k[:, None], wmask, H)
     hc = rows[:, None] * H + cols[None, :]
     h = tl.load(h0_ptr + hc, mask=m2, other=0.0)
     c = tl.load(c0_ptr + hc, mask=m2, other=0.0)
@@ -132,11 +135,7 @@ def _lstm_bwd_persistent(gates_ptr, cs_ptr, c0_ptr, dout_ptr, dhn_ptr, dcn_ptr, 
     m2 = rmask[:, None] & cmask[None, :]
     # dh_prev[b, k] = Σ_g Σ_j dA_g[b, j] · W_hh[g·H + j, k]: the blocks W_g [j, k] as stored.
     wmask = (cols[:, None] < H) & (k[None, :] < H)
-    wp = w_ptr + cols[:, None] * H + k[None, :]
-    w_i = tl.load(wp, mask=wmask, other=0.0)
-    w_f = tl.load(wp + H * H, mask=wmask, other=0.0)
-    w_g = tl.load(wp + 2 * H * H, mask=wmask, other=0.0)
-    w_o = tl.load(wp + 3 * H * H, mask=wmask, other=0.0)
+    w_i, w_f, w_g, w_o = _gate_blocks(w_ptr + cols[:, None] * H + k[None, :], wmask, H)
     hc = rows[:, None] * H + cols[None, :]
     dh = tl.load(dhn_ptr + hc, mask=m2, other=0.0).to(tl.float32)
     dc = tl.load(dcn_ptr + hc, mask=m2, other=0.0).to(tl.float32)

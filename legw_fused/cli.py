@@ -96,7 +96,7 @@ def _train(args) -> int:
         epochs=args.epochs, train_items=args.train_items, eval_items=args.eval_items, optimizer=args.optimizer,
         base_lr=args.base_lr, base_warmup_epochs=args.base_warmup_epochs,
         micro_batch=args.micro_batch or "auto", device=args.device, seed=args.seed, out=args.out, quiet=args.quiet,
-        argv=args.argv)
+        argv=args.argv, distributed=args.distributed)
     return 0
 
 
@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "256 on a CPU (faster per sample there), whole batches on a GPU")
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--distributed", choices=["ddp", "fsdp"],
+                   help="under torchrun: DDP or FSDP2 over all ranks (gloo on CPU, NCCL on GPUs); --batch-sizes are "
+                        "global batches, each rank computes batch / world size of them")
     t.add_argument("--out", default="results", help="output folder (results go to OUT/TASK/)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)

@@ -38,10 +38,40 @@ def _commit() -> str | None:
         return None
 
 
+def _init_distributed(device: str) -> tuple[str, int, int]:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on GPUs); one GPU per local rank."""
+    import os
+
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ and not dist.is_initialized():
+        raise ValueError("--distributed: start the command with torchrun, e.g. `torchrun --standalone "
+                         "--nproc_per_node=2 -m legw_fused train mnist --distributed ddp`")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
 def run(task_name: str, *, preset: str = "quick", batch_sizes=None, schemes=None, epochs=None, train_items=None,
         eval_items=None, optimizer: str = "sgd", base_lr=None, base_warmup_epochs=None, micro_batch="auto",
-        device: str = "cpu", seed: int = 0, out="results", quiet: bool = False, argv=None) -> dict:
-    """Run the sweep and write results.json, results.md (the table) and the plots under ``out``/``task_name``."""
+        device: str = "cpu", seed: int = 0, out="results", quiet: bool = False, argv=None,
+        distributed: str | None = None) -> dict:
+    """Run the sweep and write results.json, results.md (the table) and the plots under ``out``/``task_name``.
+
+    ``distributed`` ("ddp" or "fsdp", under ``torchrun``): every rank trains its share of each global batch;
+    rank 0 prints and writes the results."""
+    if distributed:
+        device, rank, world = _init_distributed(device)
+        bad = [b for b in (batch_sizes or TASKS[task_name].PRESETS[preset].batch_sizes) if b % world]
+        if bad:
+            raise ValueError(f"--batch-sizes: under --distributed every batch size is the global batch and must be "
+                             f"divisible by the world size {world}; {bad} are not")
+        quiet = quiet or rank != 0
+    else:
+        rank, world = 0, 1
     task_cls = TASKS[task_name]
     p = task_cls.PRESETS[preset]
     batch_sizes = sorted(set(batch_sizes or p.batch_sizes))
@@ -68,11 +98,14 @@ def run(task_name: str, *, preset: str = "quick", batch_sizes=None, schemes=None
         raise ValueError(f"--batch-sizes: {max(batch_sizes)} is larger than the {len(task)} training items, so an "
                          f"epoch would have no full batch; use smaller batches or more training data")
     opt_backend = backends.select_backend("auto", dev).name
-    print(f"legw-fused train {task_name}: the {preset} preset"
+    say = print if rank == 0 else (lambda *a, **k: None)  # one header, not one per rank
+    say(f"legw-fused train {task_name}: the {preset} preset"
           + (" (a short subset/few-epoch run that shows the effect; --full for the paper-scale sweep)"
              if preset == "quick" else " (the paper-scale sweep)"))
-    print(f"  data: {task.describe()}")
-    print(f"  baseline B0={BASE_BATCH}: peak LR {baseline.lr:g}, {baseline.warmup_epochs:g} warmup epochs, "
+    say(f"  data: {task.describe()}"
+        + (f"; {distributed.upper()} over {world} ranks, each computing 1/{world} of every batch" if distributed
+           else ""))
+    say(f"  baseline B0={BASE_BATCH}: peak LR {baseline.lr:g}, {baseline.warmup_epochs:g} warmup epochs, "
           f"poly decay (power 2); {epochs} epochs at every batch size; optimizer legw_fused.{optimizer.upper()} "
           f"(momentum {baseline.momentum}, backend {opt_backend}); device {dev}; seed {seed}"
           + (f"; gradients accumulated over micro-batches of {micro_batch}" if micro_batch else ""))
@@ -86,7 +119,8 @@ def run(task_name: str, *, preset: str = "quick", batch_sizes=None, schemes=None
                 base = next(r for r in runs if r["batch"] == BASE_BATCH)
                 runs.append({**base, "scheme": scheme, "same_as": base["scheme"]})
                 continue
-            r = run_one(task, baseline, scheme, batch, epochs, optimizer, seed, dev, quiet, micro_batch)
+            r = run_one(task, baseline, scheme, batch, epochs, optimizer, seed, dev, quiet, micro_batch,
+                        distributed)
             runs.append(r)
             if not quiet:
                 print(f"  done {scheme:<13} B={batch:<5} test {task.metric} "
@@ -103,6 +137,7 @@ def run(task_name: str, *, preset: str = "quick", batch_sizes=None, schemes=None
                      "weight_decay": baseline.weight_decay, "decay": "poly", "power": 2.0,
                      **({"trust_coefficient": baseline.trust_coefficient} if optimizer == "lars" else {})},
         "backends": {"optimizer": opt_backend, "lstm": runs[0]["lstm_backend"]},
+        "distributed": {"mode": distributed, "world_size": world} if distributed else None,
         "command": "legw-fused " + " ".join(argv) if argv is not None else None,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_threads": torch.get_num_threads(), "device": str(dev),
@@ -112,6 +147,8 @@ def run(task_name: str, *, preset: str = "quick", batch_sizes=None, schemes=None
         "total_seconds": wall, "runs": runs,
     }
     results["target"] = add_time_to_target(runs, task.higher_is_better)
+    if rank != 0:
+        return results  # every rank computed the same results; rank 0 reports them
     table = format_table(results)
     print(table)
     write_json(results, out_dir / "results.json")

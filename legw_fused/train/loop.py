@@ -18,9 +18,11 @@ import math
 import time
 
 import torch
-from torch.utils.data import BatchSampler, RandomSampler, Sampler
+import torch.distributed as dist
+from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, Sampler
 from tqdm.auto import tqdm
 
+from ..distributed import global_batch_size
 from ..lstm import LSTM
 from ..lstm_backends import select_lstm_backend
 from ..optim import LARS, SGD, param_groups
@@ -45,12 +47,31 @@ def make_schedule(baseline: Baseline, scheme: str, batch: int, steps_per_epoch: 
 
 
 def make_sampler(n_items: int, seed: int) -> Sampler:
-    """Reshuffled every epoch from one seeded generator, so every run sees the same sequence of permutations."""
+    """Reshuffled every epoch from one seeded generator, so every run sees the same sequence of permutations.
+    Under torch.distributed each rank draws its own share of the same permutation (DistributedSampler)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistributedSampler(range(n_items), shuffle=True, seed=seed, drop_last=True)
     return RandomSampler(range(n_items), generator=torch.Generator().manual_seed(seed))
 
 
-def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    return model.to(device)
+def prepare_model(model: torch.nn.Module, device: torch.device, distributed: str | None = None) -> torch.nn.Module:
+    """The one place a model is wrapped: DDP (gradients averaged over ranks before the step) or FSDP2
+    (``fully_shard`` on each LSTM, then the root: parameters become DTensors sharded along dim 0)."""
+    model = model.to(device)
+    if distributed == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if distributed == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for m in model.modules():
+            if isinstance(m, LSTM):
+                fully_shard(m, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
 
 
 def make_optimizer(name: str, model: torch.nn.Module, baseline: Baseline, schedule: LEGW):
@@ -62,19 +83,25 @@ def make_optimizer(name: str, model: torch.nn.Module, baseline: Baseline, schedu
 
 
 def run_one(task, baseline: Baseline, scheme: str, batch: int, epochs: int, optimizer: str, seed: int,
-            device: torch.device, quiet: bool = False, micro_batch: int | None = None) -> dict:
+            device: torch.device, quiet: bool = False, micro_batch: int | None = None,
+            distributed: str | None = None) -> dict:
     """Train one model; returns the schedule, the per-epoch history and the final test metric.
 
+    ``batch`` is the global batch of one optimizer step: under torch.distributed (``distributed`` "ddp" or
+    "fsdp") each of the W ranks computes batch / W items of it, and the LEGW schedule is built for the global batch.
     ``micro_batch``: forward/backward the batch in chunks of at most this many items and accumulate the gradients
     before the one optimizer step (the same update; less memory, and on a CPU the LSTM's per-step tensors of a
     small chunk stay in cache: large batches run several times faster per sample)."""
-    steps_per_epoch = len(task) // batch
-    schedule = make_schedule(baseline, scheme, batch, steps_per_epoch, epochs)
-    torch.manual_seed(seed)  # the same initial weights in every run
-    model = prepare_model(task.build_model(), device)
-    opt = make_optimizer(optimizer, model, baseline, schedule)
+    world = dist.get_world_size() if distributed else 1
+    per_rank = batch // world
     sampler = make_sampler(len(task), seed)
-    batches = BatchSampler(sampler, batch, drop_last=True)
+    batches = BatchSampler(sampler, per_rank, drop_last=True)
+    steps_per_epoch = len(batches)
+    schedule = make_schedule(baseline, scheme, global_batch_size(per_rank) if distributed else batch,
+                             steps_per_epoch, epochs)
+    torch.manual_seed(seed)  # the same initial weights in every run (and on every rank)
+    model = prepare_model(task.build_model(), device, distributed)
+    opt = make_optimizer(optimizer, model, baseline, schedule)
 
     history, train_seconds, diverged, step = [], 0.0, False, 0
     bar = tqdm(total=schedule.total_steps, desc=f"{scheme} B={batch}", disable=quiet, leave=False, unit="step")
@@ -91,7 +118,7 @@ def run_one(task, baseline: Baseline, scheme: str, batch: int, epochs: int, opti
                 # Each chunk's mean loss weighted by its share of the batch: the gradients add up to the
                 # full batch's mean-loss gradient, so the update is the one at batch size `batch`.
                 x, y = task.batch(chunk)
-                loss = task.loss(model, x, y) * (len(chunk) / batch)
+                loss = task.loss(model, x, y) * (len(chunk) / per_rank)
                 loss.backward()
                 loss_sum += loss.detach()
             opt.step()
@@ -100,6 +127,9 @@ def run_one(task, baseline: Baseline, scheme: str, batch: int, epochs: int, opti
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds += time.perf_counter() - start
+        if distributed:
+            dist.all_reduce(loss_sum)  # the mean over ranks of their shares' losses: the global batch's loss
+            loss_sum /= world
         train_loss = loss_sum.item() / steps_per_epoch
         model.eval()
         val = task.evaluate(model, "val")

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import legw_fused
-from legw_fused.bench.optimizer import cpu_medians_ms, cuda_median_ms, metadata, write_results
+from legw_fused.bench.optimizer import (add_common_args, cpu_medians_ms, cuda_median_ms, metadata,
+                                        write_results)
 from legw_fused.functional import lstm_layer_reference
 from legw_fused.lstm_backends import LSTM_AUTO_ORDER, LSTM_BACKENDS
 
@@ -167,12 +167,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_common_args(parser, warmup=2, reps=10)
     parser.add_argument("--settings", nargs="+", default=None, help=f"of {', '.join(SETTINGS)}")
     parser.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default per setting)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     settings = args.settings or (list(SETTINGS) if device.type == "cuda" else list(CPU_DEFAULT))

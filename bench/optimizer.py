@@ -199,6 +199,14 @@ def metadata(device: torch.device) -> dict:
             "schedule": SCHED, "hyperparameters": HP}
 
 
+def add_common_args(parser: argparse.ArgumentParser, warmup: int, reps: int) -> None:
+    """--device, --warmup, --reps and --out, shared by the benchmarks."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+
+
 def write_results(out: str | Path, stem: str, meta: dict, rows: list[dict], table: str) -> None:
     """<out>/<stem>.json (meta + rows) and <stem>.md (the table), then print the table."""
     out = Path(out)
@@ -222,11 +230,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_common_args(parser, warmup=3, reps=15)
     parser.add_argument("--sets", nargs="+", default=None, help=f"of {', '.join(shape_sets.SETS)}")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     sets = args.sets or (["resnet50", "lstm-lm", "flat-1B"] if device.type == "cuda" else ["cpu-mixed-10M"])

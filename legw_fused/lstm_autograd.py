@@ -8,20 +8,14 @@ from torch import Tensor
 
 from . import _ops
 
-_ACC = {torch.float64: torch.float64}  # cell states are carried in fp32, or fp64 for float64 runs
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return _ACC.get(dtype, torch.float32)
-
-
 if _ops._C is not None and hasattr(torch.ops.legw_fused, "lstm_layer_fwd"):
     @torch.library.register_fake("legw_fused::lstm_layer_fwd")
     def _fwd_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse):
         T, B, _ = x.shape
         H = w_hh.shape[1]
         return (x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(T, B, 4 * H),
-                x.new_empty(T, B, H, dtype=_acc(x.dtype)))
+                # cell states: fp32, or fp64 for float64 runs
+                x.new_empty(T, B, H, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
 
     @torch.library.register_fake("legw_fused::lstm_layer_bwd")
     def _bwd_fake(dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, gates, cs, reverse, compute_dx):

@@ -143,7 +143,9 @@ def _ratio(p_sq, g_sq, lr, trust_coefficient, weight_decay, eps, CLIP: tl.conste
     ratio = trust_coefficient * p_norm / (g_norm + weight_decay * p_norm + eps)
     if CLIP:
         ratio = tl.where(lr > 0, tl.minimum(ratio / tl.maximum(lr, 1e-38), 1.0), 1.0)
-    return tl.where((p_norm > 0) & (g_norm > 0), ratio, 1.0)
+    # Typed: the interpreter promotes where(scalar fp32, 1.0) to fp64 (compiled Triton keeps fp32), and an fp64 ratio
+    # would make the update fp64, which the bf16 rounding cannot take.
+    return tl.where((p_norm > 0) & (g_norm > 0), ratio, 1.0).to(tl.float32)
 
 
 @triton.jit

@@ -87,18 +87,6 @@ def _fused_step(op, params, grads, bufs, *, lr, step, momentum, dampening, weigh
     return bufs
 
 
-def _triton_step(*args, **kwargs):
-    from legw_fused.kernels import fused_step  # imported on first use: triton's import is slow
-
-    return _fused_step(fused_step.fused_step_, *args, **kwargs)
-
-
-def _triton_sum_squares(*args):
-    from legw_fused.kernels import fused_step
-
-    return fused_step.sum_squares(*args)
-
-
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -171,10 +159,11 @@ BACKENDS: dict[str, Backend] = {
                     "fused multi-tensor CUDA kernel (legw_fused._C)", _cuda_reason(), sum_squares=_ops.sum_squares,
                     norm_chunk=_ops.PARAM_SQ_CHUNK),
     # On CPU tensors only under TRITON_INTERPRET=1 (how it is tested without a GPU).
-    "triton": Backend("triton", ("cuda", "cpu") if _TRITON_INTERPRET else ("cuda",), FUSED_DTYPES, _triton_step,
+    "triton": Backend("triton", ("cuda", "cpu") if _TRITON_INTERPRET else ("cuda",), FUSED_DTYPES,
+                      functools.partial(_fused_step, _ops.fused_step_triton_),
                       "fused multi-tensor Triton kernel" + (" (interpreted: TRITON_INTERPRET=1)"
                                                             if _TRITON_INTERPRET else ""), _triton_reason(),
-                      sum_squares=_triton_sum_squares, norm_chunk=TRITON_CHUNK),
+                      sum_squares=_ops.sum_squares_triton, norm_chunk=TRITON_CHUNK),
 }
 
 # Fastest first; "torch" closes every list so that auto always finds a backend.

@@ -149,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("task", choices=sorted(TASKS))
     mode = t.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the default: a few minutes on a 2-core CPU (a subset, "
-                                                           "few epochs, batch 128/1024/8192, legw vs linear-goyal)")
-    mode.add_argument("--full", action="store_true", help="the paper-scale sweep (batch 128..8192, all schemes; "
-                                                          "hours on a CPU)")
+                                                           "few epochs, batch 128/1024/4096, legw vs linear-goyal)")
+    mode.add_argument("--full", action="store_true", help="the paper-scale sweep (batch 128/512/2048/8192, all schemes; "
+                                                          "about an hour on a 2-core CPU)")
     t.add_argument("--batch-sizes", type=_positive_int, nargs="+", metavar="B", help="override the preset's")
     t.add_argument("--schemes", nargs="+", choices=list(SCHEMES), metavar="SCHEME",
                    help=f"override the preset's; any of {', '.join(SCHEMES)}")

@@ -269,6 +269,31 @@ def test_sum_squares_matches_the_formula(backend, dtype):
         torch.testing.assert_close(got[0].double(), expected[0] * 4, rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", CACHING)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_given_norms_replace_the_norm_pass(backend, dtype):
+    # Sharded LARS hands the kernels all-reduced sums of squares. Scaled ones (not this rank's own norms) must give
+    # the reference's update with the same sums: trust ratios from them, nothing from a norm pass of the kernel.
+    require_backend(backend)
+    sizes = sizes_for(backend)
+    fused, ref = make_set(sizes, dtype=dtype, copies=2)
+    set_grads([fused, ref], torch.Generator().manual_seed(4))
+    own = backends.BACKENDS["torch"].sum_squares(ref, [p.grad for p in ref], [], None, None)
+    norms = (own * torch.tensor([[4.0], [0.25]])).float().contiguous()
+    hp = dict(lr=SCHED, step=torch.tensor(5), momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=False,
+              lars=True, trust_coefficient=0.02, eps=1e-8, trust_clip=False, norms_sq=norms)
+    with torch.no_grad():
+        bufs = backends.BACKENDS[backend].step(fused, [p.grad for p in fused], [None] * len(fused), **hp)
+        ref_bufs = backends.BACKENDS["torch"].step(ref, [p.grad for p in ref], [None] * len(ref), **hp)
+        own_bufs = backends.BACKENDS["torch"].step([p.detach().clone() for p in make_set(sizes, dtype, copies=1)[0]],
+                                                   [p.grad for p in ref], [None] * len(ref), **{**hp, "norms_sq": None})
+    for p, q, b, rb in zip(fused, ref, bufs, ref_bufs):
+        assert_close_to_reference(p.detach(), q.detach(), dtype)
+        assert_close_to_reference(b, rb, dtype)
+    # The scaled sums change the update (so the check above could fail if they were ignored).
+    assert any(not torch.equal(b, ob) for b, ob in zip(ref_bufs, own_bufs) if b.numel() > 1)
+
+
 def test_triton_chunk_is_the_one_backends_states():
     require_backend("triton")
     from legw_fused.kernels import fused_step as triton_step

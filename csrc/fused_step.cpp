@@ -93,24 +93,49 @@ std::vector<std::pair<int64_t, int64_t>> cache_groups(const std::vector<Chunk>& 
 // double. The order of additions is fixed by this code, so the result repeats exactly.
 typedef float f32x4 __attribute__((vector_size(16)));
 
+// Four consecutive values as fp32 times `scale`, built in registers: staging them through a float[16] on the stack
+// made GCC mix vector and scalar stores, and the reloads that failed store forwarding ran the loop at a quarter of
+// its in-cache speed (measured: 6.6 vs 25 GB/s per core in cache; 13 vs 19-22 GB/s from memory on 2 cores).
+template <typename T>
+inline f32x4 load4(const T* __restrict x, float scale) {
+  f32x4 w;
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&w, x, sizeof(w));
+  } else {
+    w = f32x4{static_cast<float>(x[0]), static_cast<float>(x[1]), static_cast<float>(x[2]),
+              static_cast<float>(x[3])};
+  }
+  return w * scale;
+}
+
+// Asks for the cache lines of x[begin, end) ahead of use. A read-only pass is one stream per thread, and the
+// hardware prefetchers alone left it at 25-27 GB/s on the 2-core VM; prefetching each 1024-element block two blocks
+// ahead reached 44-48 GB/s (a standalone loop over 40 MB, 2 threads).
+template <typename T>
+inline void prefetch(const T* x, int64_t begin, int64_t end) {
+  const char* p = reinterpret_cast<const char*>(x + begin);
+  const char* e = reinterpret_cast<const char*>(x + end);
+  for (; p < e; p += 64) __builtin_prefetch(p);
+}
+
 template <typename T>
 double sum_squares(const T* __restrict x, int64_t n, float scale) {
   constexpr int64_t kBlock = 1024;
   double acc = 0.0;
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
-    f32x4 a[4] = {};
+    prefetch(x, std::min(n, b + 2 * kBlock), std::min(n, b + 3 * kBlock));
+    f32x4 a0 = {}, a1 = {}, a2 = {}, a3 = {};
     int64_t i = b;
     for (; i + 16 <= e; i += 16) {
-      float v[16];
-      for (int j = 0; j < 16; ++j) v[j] = static_cast<float>(x[i + j]) * scale;
-      for (int k = 0; k < 4; ++k) {
-        f32x4 w;
-        std::memcpy(&w, v + 4 * k, sizeof(w));
-        a[k] += w * w;
-      }
+      const f32x4 w0 = load4(x + i, scale), w1 = load4(x + i + 4, scale), w2 = load4(x + i + 8, scale),
+                  w3 = load4(x + i + 12, scale);
+      a0 += w0 * w0;
+      a1 += w1 * w1;
+      a2 += w2 * w2;
+      a3 += w3 * w3;
     }
-    const f32x4 s = (a[0] + a[1]) + (a[2] + a[3]);
+    const f32x4 s = (a0 + a1) + (a2 + a3);
     float block = (s[0] + s[1]) + (s[2] + s[3]);
     for (; i < e; ++i) {
       const float v = static_cast<float>(x[i]) * scale;

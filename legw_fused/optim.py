@@ -28,6 +28,11 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _TORCH_ONLY_GROUP_KEYS = ("foreach", "differentiable", "fused", "capturable", "maximize")
 
 
+
+def _same(t):
+    """local_tensor for buckets without DTensors: the tensor itself."""
+    return t
+
 class _MomentumOptimizer(Optimizer):
     """Shared machinery of SGD and LARS: validation, bucketing by device/dtype, step counters, state_dict."""
 
@@ -142,15 +147,17 @@ class _MomentumOptimizer(Optimizer):
             lars = self._hyperparameters(group)["lars"]
             for (device, dtype), (params, grads) in buckets.items():
                 contiguous = all(p.is_contiguous() for p in params)
+                # DTensor (FSDP2) buckets run on local shards; plain ones skip that per-tensor plumbing.
+                sharded = any(is_dtensor(p) for p in params)
                 # LARS: over which process group each param's local sums of squares add up (None: local is whole);
                 # raises for placements it cannot handle, before anything changes.
-                norm_groups = [sharded_norm_group(p) for p in params] if lars else None
+                norm_groups = [sharded_norm_group(p) for p in params] if lars and sharded else None
                 work.append((group, select_backend(self.backend, device, dtype, contiguous), params, grads,
-                             norm_groups))
+                             norm_groups, sharded))
 
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if found_inf is not None and any(self._needs_host_inf_check(group, backend, params)
-                                         for group, backend, params, _, _ in work):
+                                         for group, backend, params, *_ in work):
             if found_inf.item() != 0:  # one host read, only where a backend cannot skip on the device
                 return loss
             found_inf = None
@@ -166,8 +173,9 @@ class _MomentumOptimizer(Optimizer):
         if not use_cache:
             self._norm_cache.clear()
         calls = []
-        for group, backend, params, grads, norm_groups in work:
+        for group, backend, params, grads, norm_groups, sharded in work:
             device = params[0].device
+            local = local_tensor if sharded else _same
             counter = self._counter(device)
             lr = group["lr"]
             if isinstance(lr, Tensor) and lr.device != device:
@@ -184,10 +192,11 @@ class _MomentumOptimizer(Optimizer):
                         state["master_param"] = p.detach().float()
                     if state.get("momentum_buffer") is not None and state["momentum_buffer"].dtype != torch.float32:
                         state["momentum_buffer"] = state["momentum_buffer"].float()
-                masters = [local_tensor(state["master_param"]) for state in states]
+                masters = [local(state["master_param"]) for state in states]
             hp = self._hyperparameters(group)
             call = dict(group=group, backend=backend, params=params, states=states, device=device,
-                        local_params=[local_tensor(p) for p in params], local_grads=[local_tensor(g) for g in grads],
+                        local_params=[local(p) for p in params] if sharded else params,
+                        local_grads=[local(g) for g in grads] if sharded else grads, local=local,
                         masters=masters, norms_sq=None, param_sq=None, param_sq_cached=False,
                         norm_groups=norm_groups, kwargs=dict(lr=lr, step=counter, grad_scale=_on(grad_scale, device),
                                                              found_inf=_on(found_inf, device), **hp))
@@ -202,7 +211,7 @@ class _MomentumOptimizer(Optimizer):
             states, params = call["states"], call["params"]
             bufs = call["backend"].run_step(
                 call["local_params"], call["local_grads"],
-                [local_tensor(state.get("momentum_buffer")) for state in states], masters=call["masters"],
+                [call["local"](state.get("momentum_buffer")) for state in states], masters=call["masters"],
                 norms_sq=call["norms_sq"], param_sq=call["param_sq"], param_sq_cached=call["param_sq_cached"],
                 **call["kwargs"])
             if call["group"]["momentum"] != 0:

@@ -86,14 +86,19 @@ def _bwd_epilogue(i, f, g, o, c_prev, c, dh, dc):
 
 
 @triton.jit
-def _lstm_fwd_persistent(gates_ptr, w_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, T, B, H, REVERSE: tl.constexpr,
-                         DTYPE: tl.constexpr, PREC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+def _persistent_tile(B, H, BB: tl.constexpr, BH: tl.constexpr):
+    # A persistent program's BB batch rows and all H hidden columns (BH >= H), with their masks; k indexes the
+    # recurrent weights' other H axis.
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     cols = tl.arange(0, BH)
-    k = tl.arange(0, BH)
-    rmask = rows < B
-    cmask = cols < H
-    m2 = rmask[:, None] & cmask[None, :]
+    m2 = (rows < B)[:, None] & (cols < H)[None, :]
+    return rows, cols, tl.arange(0, BH), cols < H, m2
+
+
+@triton.jit
+def _lstm_fwd_persistent(gates_ptr, w_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, T, B, H, REVERSE: tl.constexpr,
+                         DTYPE: tl.constexpr, PREC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    rows, cols, k, cmask, m2 = _persistent_tile(B, H, BB, BH)
     # W_g^T [k, j] = W_hh[g·H + j, k]: loaded once for the whole sequence.
     wmask = (k[:, None] < H) & cmask[None, :]
     w_i, w_f, w_g, w_o = _gate_blocks(w_ptr + cols[None, :] * H + k[:, None], wmask, H)
@@ -127,12 +132,7 @@ def _lstm_fwd_persistent(gates_ptr, w_ptr, h0_ptr, c0_ptr, out_ptr, cs_ptr, T, B
 def _lstm_bwd_persistent(gates_ptr, cs_ptr, c0_ptr, dout_ptr, dhn_ptr, dcn_ptr, w_ptr, da_ptr, dh0_ptr, dc0_ptr,
                          T, B, H, REVERSE: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr, BB: tl.constexpr,
                          BH: tl.constexpr):
-    rows = tl.program_id(0) * BB + tl.arange(0, BB)
-    cols = tl.arange(0, BH)
-    k = tl.arange(0, BH)
-    rmask = rows < B
-    cmask = cols < H
-    m2 = rmask[:, None] & cmask[None, :]
+    rows, cols, k, cmask, m2 = _persistent_tile(B, H, BB, BH)
     # dh_prev[b, k] = Σ_g Σ_j dA_g[b, j] · W_hh[g·H + j, k]: the blocks W_g [j, k] as stored.
     wmask = (cols[:, None] < H) & (k[None, :] < H)
     w_i, w_f, w_g, w_o = _gate_blocks(w_ptr + cols[:, None] * H + k[None, :], wmask, H)

@@ -34,11 +34,18 @@ def cpu_mixed() -> list[tuple[int, ...]]:
             + [(7,), (65537,)])
 
 
+def host_overhead() -> list[tuple[int, ...]]:
+    """ResNet-50's 161 tensors with one element each: a step's time is then its host-side cost (Python, argument
+    passing, launches), which bounds the step of a small model or a fast GPU."""
+    return [(1,)] * len(resnet50())
+
+
 def flat(n: int = 1 << 30) -> list[tuple[int, ...]]:
     return [(n,)]
 
 
-SETS = {"resnet50": resnet50, "lstm-lm": lstm_lm, "cpu-mixed-10M": cpu_mixed, "flat-1B": flat}
+SETS = {"resnet50": resnet50, "lstm-lm": lstm_lm, "cpu-mixed-10M": cpu_mixed, "flat-1B": flat,
+        "host-161": host_overhead}
 
 
 def numel(shapes) -> int:

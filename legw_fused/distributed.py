@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["global_batch_size", "is_dtensor", "local_tensor", "sharded_norm_group"]
+__all__ = ["any_dtensor", "global_batch_size", "is_dtensor", "local_tensor", "sharded_norm_group"]
 
 try:
     import torch.distributed as dist
@@ -39,7 +39,14 @@ def global_batch_size(per_rank_batch: int, group=None) -> int:
 
 
 def is_dtensor(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # The type, not isinstance: nn.Parameter's metaclass makes isinstance a Python-level call, and step() asks this
+    # of every parameter (a Parameter made from a DTensor has type DTensor).
+    return DTensor is not None and issubclass(type(t), DTensor)
+
+
+def any_dtensor(tensors) -> bool:
+    """Whether any of ``tensors`` is a DTensor, by their few distinct types (step() asks this of every bucket)."""
+    return DTensor is not None and any(issubclass(t, DTensor) for t in {type(x) for x in tensors})
 
 
 def local_tensor(t: Tensor | None) -> Tensor | None:

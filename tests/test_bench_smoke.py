@@ -20,3 +20,24 @@ def test_lstm_bench_writes_rows_for_every_provider(tmp_path):
         assert r["ms"] > 0 and r["TFLOPs"] > 0 and r["B"] == 2 and r["T"] == 28
     assert data["meta"]["torch"] == torch.__version__
     assert (tmp_path / "lstm_cpu.md").read_text().count("\n| mnist |") == len(data["rows"])
+
+
+def test_optimizer_bench_writes_rows_for_every_provider(tmp_path):
+    from legw_fused.bench import optimizer as bench_optimizer
+
+    assert bench_optimizer.main(["--device", "cpu", "--sets", "host-161", "--warmup", "0", "--reps", "2",
+                                 "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "optimizer_cpu.json").read_text())
+    providers = [r["provider"] for r in data["rows"]]
+    assert {"torch SGD foreach + LambdaLR", "legw_fused.SGD [torch]", "legw_fused.LARS [torch]"} <= set(providers)
+    assert providers[:2] == ["one copy_ pass (flat)", "one add_ pass (flat)"]
+    for r in data["rows"]:
+        assert r["set"] == "host-161" and r["tensors"] == 161 and r["numel"] == 161 and r["ms"] > 0
+        assert r["bytes_per_elem"] == {"copy": 8, "add": 12, "sgd": 20, "lars": 24}[r["kind"]]
+    # The first provider of each kind is its baseline.
+    first = {}
+    for r in data["rows"]:
+        first.setdefault(r["kind"], r)
+        assert abs(r["speedup"] - first[r["kind"]]["ms"] / r["ms"]) < 1e-9
+    md = (tmp_path / "optimizer_cpu.md").read_text()
+    assert md.count("\n| host-161 |") == len(data["rows"]) and "host-side cost" in md

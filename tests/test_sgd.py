@@ -129,10 +129,16 @@ def test_params_without_grad_are_skipped_and_count_keeps_global_time(backend):
 
 def test_mixed_dtypes_in_one_group_are_bucketed():
     # With backend="auto" the fp32 bucket goes to the fused CPU kernel (if built) and the fp64 one to the reference.
+    # The dtypes alternate in the group: each bucket must keep its tensors' order and none may be lost.
     a = make_params(seed=5) + make_params(shapes=[(6, 3), (11,)], seed=6, dtype=torch.float64)
     b = clone_params(a)
-    ours = legw_fused.SGD(a, lr=0.03, momentum=0.9, weight_decay=1e-3)
-    theirs = torch.optim.SGD(b, lr=0.03, momentum=0.9, weight_decay=1e-3)
+    assert len(a) > 4
+
+    def interleaved(x):  # fp64, fp32, fp32, fp64, fp32...
+        return [x[-2]] + x[:2] + [x[-1]] + x[2:-2]
+
+    ours = legw_fused.SGD(interleaved(a), lr=0.03, momentum=0.9, weight_decay=1e-3)
+    theirs = torch.optim.SGD(interleaved(b), lr=0.03, momentum=0.9, weight_decay=1e-3)
     gen = torch.Generator().manual_seed(7)
     for _ in range(10):
         set_random_grads([a, b], gen)

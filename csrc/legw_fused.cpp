@@ -1,6 +1,8 @@
 // Op schemas of the legw_fused library: each op is defined once here and implemented per device in
 // csrc/<op>.cpp (CPU) and csrc/cuda/<op>.cu (CUDA).
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 extern "C" {
@@ -48,4 +50,38 @@ TORCH_LIBRARY(legw_fused, m) {
   m.def(
       "sum_squares(Tensor[] params, Tensor[] grads, Tensor[] master_params, Tensor? param_sq_partials, "
       "Tensor? grad_scale) -> Tensor");
+}
+
+// fused_step_ writes its params, buffers, masters and |p|^2 chunk sums in place, so like any in-place op it must bump
+// their version counters: autograd then refuses a backward through a graph that saved the old values (instead of
+// silently using the new ones), and the optimizer's |p|^2 cache sees the writes. Custom ops get no such kernel by
+// default, and torch's boxed fallback (autogradNotImplementedInplaceOrViewFallback) bumps only written tensors that
+// are also returned: this op returns nothing. So: run the kernel, then bump every argument the schema marks as
+// written (Tensor(a!), Tensor(a!)[] and Tensor(a!)?); a kernel that raises has changed nothing and bumps nothing.
+namespace {
+void bump_written_after(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t start = stack->size() - args.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i].alias_info() == nullptr || !args[i].alias_info()->isWrite()) continue;
+    const c10::IValue& v = (*stack)[start + i];
+    if (v.isTensor()) {
+      written.push_back(v.toTensor());
+    } else if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorVector()) written.push_back(t);
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) {
+    if (t.defined()) torch::autograd::impl::bump_version(t);
+  }
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(legw_fused, ADInplaceOrView, m) {
+  m.impl("fused_step_", torch::CppFunction::makeFromBoxedFunction<&bump_written_after>());
 }

@@ -115,6 +115,21 @@ def _triton_sum_squares(*args) -> torch.Tensor:
 for _key in TRITON_DEVICES:
     _triton_lib.impl("fused_step_triton_", _triton_fused_step, _key)
     _triton_lib.impl("sum_squares_triton", _triton_sum_squares, _key)
+# The device kernel, then the version counters of what it wrote (params, buffers, masters, |p|^2 chunk sums), as
+# the C++ op's ADInplaceOrView kernel does (csrc/legw_fused.cpp, which says why).
+_WRITTEN = tuple(i for i, a in enumerate(torch._C.parse_schema("f" + FUSED_STEP_ARGS).arguments)
+                 if a.alias_info is not None and a.alias_info.is_write)
+
+
+def _triton_fused_step_bump_versions(keyset, *args) -> None:
+    torch.ops.legw_fused.fused_step_triton_.default.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset,
+                                                               *args)
+    for i in _WRITTEN:
+        if args[i] is not None:
+            torch.autograd.graph.increment_version(args[i])
+
+
+_triton_lib.impl("fused_step_triton_", _triton_fused_step_bump_versions, "ADInplaceOrView", with_keyset=True)
 torch.library.register_fake("legw_fused::fused_step_triton_", _fused_step_fake, lib=_triton_lib)
 torch.library.register_fake("legw_fused::sum_squares_triton", _sum_squares_fake, lib=_triton_lib)
 

@@ -46,6 +46,9 @@ class _MomentumOptimizer(Optimizer):
         # LARS |p|^2 cache per (param group, device, dtype) bucket: {"tensors", "versions", "partials"}. Derived
         # data, never in the state_dict.
         self._norm_cache: dict[tuple, dict] = {}
+        # id(param) -> the param's version counter right after the last step that updated it through its fp32
+        # master: a different version at the next step means it was changed outside the optimizer.
+        self._master_versions: dict[int, int] = {}
         self._step_counters: dict[torch.device, Tensor] = {}
         super().__init__(params, defaults)
 
@@ -182,18 +185,31 @@ class _MomentumOptimizer(Optimizer):
             for state in states:
                 state["step"] = counter
             masters = None
+            local_params = [local_tensor(p) for p in params] if sharded else params
             if group["master_weights"] and params[0].dtype in _LOW_PRECISION:
-                # fp32 master copy and fp32 momentum, made on first use (also when switched on mid-training).
-                for p, state in zip(params, states):
-                    if "master_param" not in state:
+                # fp32 master copy and fp32 momentum, made on first use (also when switched on mid-training), and
+                # made again from a param changed outside the optimizer since its last step (the model's
+                # load_state_dict, an edit under no_grad: the version counter moved), which the master would
+                # otherwise silently undo. Edits through .data bump no counter and stay unseen, as by autograd.
+                seen = self._master_versions
+                for p, lp, state in zip(params, local_params, states):
+                    if "master_param" not in state or seen.get(id(p), lp._version) != lp._version:
                         state["master_param"] = p.detach().float()
                     if state.get("momentum_buffer") is not None and state["momentum_buffer"].dtype != torch.float32:
                         state["momentum_buffer"] = state["momentum_buffer"].float()
                 masters = [state["master_param"] for state in states]
                 masters = [local_tensor(m) for m in masters] if sharded else masters
+            elif params[0].dtype in _LOW_PRECISION:
+                # master_weights switched off: the params (the masters' rounding) go on alone, momentum in their dtype.
+                for p, state in zip(params, states):
+                    if state.pop("master_param", None) is not None:
+                        self._master_versions.pop(id(p), None)
+                    buf = state.get("momentum_buffer")
+                    if buf is not None and buf.dtype != p.dtype:
+                        state["momentum_buffer"] = buf.to(p.dtype)
             hp = self._hyperparameters(group)
             call = dict(group=group, backend=backend, params=params, states=states, device=device,
-                        local_params=[local_tensor(p) for p in params] if sharded else params,
+                        local_params=local_params,
                         local_grads=[local_tensor(g) for g in grads] if sharded else grads, sharded=sharded,
                         masters=masters, norms_sq=None, param_sq=None, param_sq_cached=False,
                         norm_groups=norm_groups, kwargs=dict(lr=lr, step=counter, grad_scale=_on(grad_scale, device),
@@ -219,6 +235,8 @@ class _MomentumOptimizer(Optimizer):
                         state["momentum_buffer"] = wrap_like(buf, p) if is_dtensor(p) else buf
             if call["param_sq"] is not None:
                 self._record_versions(call)
+            if call["masters"] is not None:
+                self._master_versions.update((id(p), lp._version) for p, lp in zip(params, call["local_params"]))
         for device, counter in self._step_counters.items():
             # A step skipped for inf/NaN gradients does not advance the schedule.
             counter.add_(1 if found_inf is None else (_on(found_inf, device) == 0).to(torch.int64))
@@ -228,14 +246,17 @@ class _MomentumOptimizer(Optimizer):
     def _cached_param_sq(self, key, local_params: list[Tensor], masters, chunk: int) -> tuple[Tensor, bool]:
         """The bucket's |p|^2 cache (chunk sums of squares written by its last update) and whether it still holds
         for the params: the same tensors, none changed since (version counters; the masters' when the update runs
-        on them), and not cleared by load_state_dict."""
+        on them), none given new storage (``p.data = t`` keeps the counter), and not cleared by load_state_dict.
+        In-place edits through ``.data`` move no counter: unseen here as by autograd (edit under torch.no_grad()).
+        """
         entry = self._norm_cache.get(key)
         targets = masters or local_params
         valid = entry is not None and entry["versions"] is not None and len(entry["tensors"]) == len(targets) and \
-            all(map(operator.is_, entry["tensors"], targets)) and [t._version for t in targets] == entry["versions"]
+            all(map(operator.is_, entry["tensors"], targets)) and [t._version for t in targets] == entry["versions"] \
+            and [t.data_ptr() for t in targets] == entry["ptrs"]
         if not valid:
             n_chunks = sum(-(-t.numel() // chunk) for t in targets)
-            entry = {"tensors": list(targets), "versions": None,
+            entry = {"tensors": list(targets), "versions": None, "ptrs": [t.data_ptr() for t in targets],
                      "partials": torch.zeros(n_chunks, dtype=torch.float32, device=targets[0].device)}
             self._norm_cache[key] = entry
         return entry["partials"], valid
@@ -320,6 +341,7 @@ class _MomentumOptimizer(Optimizer):
                       for k, st in checked["state"].items() if "master_param" in st and k in id_to_param}
         super().load_state_dict(checked)
         self._norm_cache.clear()  # masters may have been replaced; params are usually loaded alongside
+        self._master_versions.clear()  # loaded masters are the truth, whatever happened to the params
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -388,12 +410,14 @@ class _MomentumOptimizer(Optimizer):
             self.backend = state.get("backend", "auto")
             self.cache_norms = state.get("cache_norms", True)
             self._norm_cache = {}
+            self._master_versions = {}
             t = max((int(s["step"]) for s in self.state.values() if s.get("step") is not None), default=0)
             self._link_step_counters(t)
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
-    return t if t is None or t.device == device else t.to(device, non_blocking=True)
+    # Asynchronous only host -> device: CPU kernels read their copy at once, so a device -> host copy must complete.
+    return t if t is None or t.device == device else t.to(device, non_blocking=t.device.type == "cpu")
 
 
 def _checked_step(name: str, key, step) -> int:
@@ -416,7 +440,8 @@ class SGD(_MomentumOptimizer):
     """Momentum SGD with exactly torch.optim.SGD's update; ``lr`` is a float, a tensor or a ``LEGW`` schedule.
 
     ``master_weights=True``: bf16/fp16 parameters are updated through an fp32 copy (state ``master_param``) with an
-    fp32 momentum buffer, and receive its rounding; fp32 parameters are unaffected.
+    fp32 momentum buffer, and receive its rounding; fp32 parameters are unaffected. A parameter changed outside the
+    optimizer (version counter moved) gets a new master made from it at the next step.
 
     ``backend``: "auto" (fastest available for the params' device), or one of ``legw_fused.backend_info()``.
     A ``lars`` key in param groups (from ``param_groups()``) is ignored by SGD.
@@ -440,8 +465,9 @@ class LARS(_MomentumOptimizer):
 
     ``cache_norms`` (fused backends): the update that writes p_{t+1} also sums its squares, so the next step's norm
     pass reads only the grads (24 instead of 28 bytes per fp32 element). The cache is dropped when a parameter (or
-    its fp32 master) is changed by anything else (its version counter moves), on load_state_dict, and in steps
-    traced by torch.compile. A GradScaler-skipped step leaves it valid.
+    its fp32 master) is changed by anything else (its version counter moves, or ``p.data = t`` gives it new
+    storage), on load_state_dict, and in steps traced by torch.compile. A GradScaler-skipped step leaves it valid.
+    In-place edits through ``p.data`` are not seen (nor by autograd): edit under torch.no_grad() instead.
 
     DTensor parameters (FSDP2 ``fully_shard``): the kernels run on the local shards and the norms of sharded
     parameters are summed over their ranks with one all-reduce per step (see legw_fused.distributed).

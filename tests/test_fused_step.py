@@ -283,6 +283,66 @@ def test_master_weights_survive_state_dict_and_start_mid_training(backend):
         assert torch.equal(a.state[p]["master_param"], b.state[q]["master_param"])
 
 
+def test_master_weights_switched_off_continue_from_the_params(backend):
+    """Switching master_weights off mid-training: every bucket steps (none is left half-done by a dtype error),
+    the masters go, momentum returns to the params' dtype, and the run continues as torch.optim.SGD would from
+    those params and that momentum."""
+    low, twin = twin_params(torch.bfloat16, sizes=[(9,), (4, 4), (65537,)])
+    f32 = torch.nn.Parameter(torch.randn(5))  # a second bucket, stepped before or after the bf16 one
+    a = SGD([f32] + low, lr=0.1, momentum=0.9, master_weights=True, backend=backend)
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(2):
+        for p in [f32] + low:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        a.step()
+    a.param_groups[0]["master_weights"] = False
+    theirs = torch.optim.SGD(twin, lr=0.1, momentum=0.9)
+    with torch.no_grad():
+        for p, q in zip(low, twin):
+            q.copy_(p)
+            theirs.state[q]["momentum_buffer"] = a.state[p]["momentum_buffer"].to(torch.bfloat16)
+    before = f32.detach().clone()
+    for _ in range(3):
+        for p, q in zip(low, twin):
+            p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+            q.grad = p.grad.clone()
+        f32.grad = torch.randn(5, generator=gen)
+        a.step()
+        theirs.step()
+    assert not torch.equal(f32.detach(), before)
+    assert int(a.state[f32]["step"]) == 5
+    for p, q in zip(low, twin):
+        assert "master_param" not in a.state[p] and a.state[p]["momentum_buffer"].dtype == torch.bfloat16
+        assert_close_to_reference(p.detach(), q.detach(), torch.bfloat16)
+        assert_close_to_reference(a.state[p]["momentum_buffer"], theirs.state[q]["momentum_buffer"],
+                                  torch.bfloat16)
+
+
+def test_master_weights_follow_a_param_changed_outside_the_optimizer(backend):
+    """A bf16 param changed between steps (the model's load_state_dict copies under no_grad) must not be undone
+    by its stale fp32 master at the next step: the master is made again from it."""
+    low, _ = twin_params(torch.bfloat16, sizes=[(9,), (65537,)])
+    a = SGD(low, lr=0.1, momentum=0.9, master_weights=True, backend=backend)
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(2):
+        for p in low:
+            p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+        a.step()
+    loaded = [torch.randn(p.shape, generator=gen).bfloat16() for p in low]
+    with torch.no_grad():
+        for p, x in zip(low, loaded):
+            p.copy_(x)
+    expected = []
+    for p, x in zip(low, loaded):
+        p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+        buf = a.state[p]["momentum_buffer"] * 0.9 + p.grad.float()
+        expected.append(x.float() - 0.1 * buf)  # SGD's update of the loaded value, in fp32
+    a.step()
+    for p, want in zip(low, expected):
+        assert_close_to_reference(a.state[p]["master_param"], want, torch.float32)
+        assert torch.equal(p.detach(), a.state[p]["master_param"].bfloat16())
+
+
 def _compiled_vs_eager(kind, backend, compiler, sizes=((8, 4), (4,), (65537,))):
     """Steps a compiled (fullgraph) and an eager optimizer through a whole LEGW schedule on the same grads; returns
     the number of frames compiled."""

@@ -102,7 +102,7 @@ def test_cached_step_reads_only_the_grads_for_norms(backend, monkeypatch):
         torch.testing.assert_close(p.detach().double(), p0.double() - 0.1 * r * g.double(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("edit", ["mul_", "copy_", "add_one_tensor"])
+@pytest.mark.parametrize("edit", ["mul_", "copy_", "add_one_tensor", "set_data"])
 @pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
 def test_in_place_parameter_edit_invalidates_the_cache(backend, edit):
     require_backend(backend)
@@ -121,6 +121,9 @@ def test_in_place_parameter_edit_invalidates_the_cache(backend, edit):
                     elif edit == "copy_":
                         p.copy_(replacement[i])
                         q.copy_(replacement[i])
+                    elif edit == "set_data":  # new storage, same version counter (vector_to_parameters does this)
+                        p.data = replacement[i].clone()
+                        q.data = replacement[i].clone()
                     elif i == 3:  # one tensor only: the bucket's cache must still go
                         p.add_(1.0)
                         q.add_(1.0)

@@ -439,3 +439,41 @@ def test_scheduler_state_with_wrong_number_of_schedules_is_rejected():
     sd["schedules"] = sd["schedules"][:1]
     with pytest.raises(ValueError, match="1 schedules saved for an optimizer with 2 param groups"):
         sched.load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+
+
+def _backward_after_step_raises(module, opt, x):
+    """A backward through a graph that saved the weights, after a step changed them: bumps and raises?"""
+    loss = (module(x) ** 2).sum()
+    loss.backward(retain_graph=True)
+    before = [p._version for p in module.parameters()]
+    opt.step()
+    assert all(p._version > v for p, v in zip(module.parameters(), before))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "lars"])
+@pytest.mark.parametrize("master_weights", [False, True])
+def test_step_bumps_version_counters_so_autograd_sees_the_writes(kind, master_weights, backend):
+    # As with torch.optim.SGD (the oracle, same scenario): a backward through a graph that saved the weights before
+    # the step must raise, not use the updated weights. That needs the step to bump the version counters of all it
+    # writes.
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if master_weights else torch.float32
+    x = torch.randn(5, 4, dtype=dtype, requires_grad=True)
+    theirs = torch.nn.Linear(4, 3).to(dtype)
+    _backward_after_step_raises(theirs, torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9), x)
+    ours = torch.nn.Linear(4, 3).to(dtype)
+    cls = SGD if kind == "sgd" else LARS
+    opt = cls(ours.parameters(), lr=0.1, momentum=0.9, master_weights=master_weights, backend=backend)
+    _backward_after_step_raises(ours, opt, x)
+    # The momentum buffers (and masters) exist now: the next step writes them too.
+    written = [s["momentum_buffer"] for s in opt.state.values()]
+    written += [s["master_param"] for s in opt.state.values() if "master_param" in s]
+    assert len(written) == (4 if master_weights else 2)
+    versions = [t._version for t in written]
+    opt.step()
+    assert all(t._version > v for t, v in zip(written, versions))

@@ -88,8 +88,8 @@ def _bwd_epilogue(i, f, g, o, c_prev, c, dh, dc):
 @triton.jit
 def _persistent_tile(B, H, BB: tl.constexpr, BH: tl.constexpr):
     # A persistent program's BB batch rows and all H hidden columns (BH >= H), with their masks; k indexes the
-    # recurrent weights' other H axis.
-    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    # recurrent weights' other H axis. Rows in int64: offsets rows * 4H pass 2^31 once B * 4H does.
+    rows = tl.program_id(0).to(tl.int64) * BB + tl.arange(0, BB)
     cols = tl.arange(0, BH)
     m2 = (rows < B)[:, None] & (cols < H)[None, :]
     return rows, cols, tl.arange(0, BH), cols < H, m2
@@ -179,7 +179,7 @@ def _lstm_bwd_persistent(gates_ptr, cs_ptr, c0_ptr, dout_ptr, dhn_ptr, dcn_ptr, 
 @triton.jit
 def _lstm_fwd_step(a_ptr, w_ptr, h_ptr, cprev_ptr, hout_ptr, c_ptr, B, H, DTYPE: tl.constexpr, PREC: tl.constexpr,
                    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    rows = tl.program_id(0).to(tl.int64) * BB + tl.arange(0, BB)  # int64: rows * 4H can pass 2^31
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     rmask = rows < B
     cmask = cols < H
@@ -216,7 +216,7 @@ def _lstm_fwd_step(a_ptr, w_ptr, h_ptr, cprev_ptr, hout_ptr, c_ptr, B, H, DTYPE:
 @triton.jit
 def _lstm_bwd_step(act_ptr, cprev_ptr, c_ptr, dout_ptr, dh_ptr, dc_ptr, da_ptr, n, H, DTYPE: tl.constexpr,
                    BLOCK: tl.constexpr):
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: b * 4H can pass 2^31
     mask = idx < n
     b = idx // H
     j = idx - b * H

@@ -59,8 +59,22 @@ def _check_same(name: str, t: Tensor | None, ref: Tensor) -> None:
                          f"{t.device} / {t.dtype}")
 
 
+def _autocast_cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # autocast's rule for its lower-precision ops: floating tensors but float64.
+    return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+
 def _layer(backend: str, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
            b_hh: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As torch.nn.LSTM under autocast (cuDNN's LSTM is on its lower-precision list): input, states and weights
+        # in the autocast dtype, then the layer with autocast off — inside, it would turn some GEMMs' outputs to
+        # that dtype and not others, and the kernels would meet mixed dtypes.
+        dtype = torch.get_autocast_dtype(device_type)
+        args = [_autocast_cast(t, dtype) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+        with torch.autocast(device_type, enabled=False):
+            return _layer(backend, *args, reverse)
     for name, t in (("h0", h0), ("c0", c0), ("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih),
                     ("bias_hh", b_hh)):
         _check_same(name, t, x)
@@ -112,6 +126,11 @@ def lstm(input: Tensor, hx: tuple[Tensor, Tensor], params: list[Tensor], has_bia
                          f"supported); got {len(params)}")
     h0, c0 = hx
     x = input.transpose(0, 1) if batch_first else input
+    state_shape = (num_layers * D, x.shape[1], params[1].shape[1])  # [L·D, B, H]; params[1] is weight_hh_l0
+    for name, t in (("hx[0] (h_0)", h0), ("hx[1] (c_0)", c0)):
+        if tuple(t.shape) != state_shape:
+            raise RuntimeError(f"lstm: {name} must have shape {state_shape} (num_layers * num_directions, batch, "
+                               f"hidden_size), got {tuple(t.shape)}")
     h_n, c_n = [], []
     for layer in range(num_layers):
         outs = []

@@ -8,6 +8,15 @@ from torch import Tensor
 
 from . import _ops
 
+def _no_double_backward(backend: str) -> None:
+    """The fused kernels' gradients are not differentiable themselves. A backward run with create_graph=True (grad
+    mode on inside it) would build a graph that misses their part and give wrong second derivatives without a word
+    (once_differentiable does not help when the incoming grads need no grad, the usual case): refuse instead."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(f"legw_fused LSTM (backend {backend!r}): second derivatives (backward with "
+                                  f"create_graph=True) are not implemented; use backend='torch' or torch.nn.LSTM")
+
+
 if _ops._C is not None and hasattr(torch.ops.legw_fused, "lstm_layer_fwd"):
     @torch.library.register_fake("legw_fused::lstm_layer_fwd")
     def _fwd_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse):
@@ -19,8 +28,11 @@ if _ops._C is not None and hasattr(torch.ops.legw_fused, "lstm_layer_fwd"):
 
     @torch.library.register_fake("legw_fused::lstm_layer_bwd")
     def _bwd_fake(dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, gates, cs, reverse, compute_dx):
-        return (torch.empty_like(x) if compute_dx else x.new_empty(0), torch.empty_like(w_ih), torch.empty_like(w_hh), x.new_empty(w_hh.shape[0]),
-                torch.empty_like(h0), torch.empty_like(c0))
+        # Contiguous, as the kernel returns them (empty_like would copy the strides of a transposed x under
+        # batch_first, and inductor checks strides).
+        return (x.new_empty(x.shape) if compute_dx else x.new_empty(0), w_ih.new_empty(w_ih.shape),
+                w_hh.new_empty(w_hh.shape), x.new_empty(w_hh.shape[0]), h0.new_empty(h0.shape),
+                c0.new_empty(c0.shape))
 
     def _setup_context(ctx, inputs, output):
         x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse = inputs
@@ -33,6 +45,7 @@ if _ops._C is not None and hasattr(torch.ops.legw_fused, "lstm_layer_fwd"):
         ctx.set_materialize_grads(False)
 
     def _backward(ctx, dout, dh_n, dc_n, _dgates, _dcs):
+        _no_double_backward("cpp/cuda")
         x, w_ih, w_hh, h0, c0, out, gates, cs = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
         dx, dw_ih, dw_hh, db, dh0, dc0 = torch.ops.legw_fused.lstm_layer_bwd(
@@ -94,6 +107,8 @@ class _TritonLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dh_n, dc_n):
         from legw_fused.kernels import lstm as K
+
+        _no_double_backward("triton")
 
         x, w_ih, w_hh, h0, c0_acc, out, gates, cs = ctx.saved_tensors
         da, dh0, dc0 = K.layer_backward(gates, cs, c0_acc, dout.contiguous(), dh_n, dc_n, w_hh, ctx.reverse)

@@ -177,10 +177,7 @@ class _MomentumOptimizer(Optimizer):
         for group, backend, params, grads, norm_groups, sharded in work:
             device = params[0].device
             counter = self._counter(device)
-            lr = group["lr"]
-            if isinstance(lr, Tensor) and lr.device != device:
-                # Asynchronous only host -> device: a device -> host copy must complete before CPU kernels read it.
-                lr = lr.to(device, non_blocking=lr.device.type == "cpu")
+            lr = _on(group["lr"], device) if isinstance(group["lr"], Tensor) else group["lr"]
             states = [self.state[p] for p in params]
             for state in states:
                 state["step"] = counter

@@ -227,6 +227,14 @@ def test_opcheck_compiled_ops():
         torch.library.opcheck(torch.ops.legw_fused.lstm_layer_bwd,
                               (torch.randn_like(out), torch.randn_like(h_n), None, x, w_ih, w_hh, h0, c0, out, gates,
                                cs, reverse, True))
+    # batch_first hands the layer a transposed x (and the weights may be transposed views): the fakes must give
+    # the kernel's contiguous strides all the same, or inductor rejects the compiled backward.
+    xt = torch.randn(B, T, I).transpose(0, 1)
+    w_ih_t = torch.randn(I, 4 * H).t()
+    out, h_n, c_n, gates, cs = torch.ops.legw_fused.lstm_layer_fwd(xt, w_ih_t, w_hh, b_ih, b_hh, h0, c0, False)
+    torch.library.opcheck(torch.ops.legw_fused.lstm_layer_bwd,
+                          (torch.randn_like(out), torch.randn_like(h_n), None, xt, w_ih_t, w_hh, h0, c0, out, gates,
+                           cs, False, True))
 
 
 def test_cuda_lstm_kernels_linked_when_forced():
@@ -266,6 +274,61 @@ def test_bad_input_errors():
         cell(torch.randn(2, 5))
     with pytest.raises(ValueError, match="dtype"):
         m(torch.randn(5, 2, 4, dtype=torch.float64))
+
+
+def test_functional_lstm_checks_hx():
+    w = [torch.randn(12, 4), torch.randn(12, 3), torch.randn(12), torch.randn(12)]
+    x = torch.randn(5, 2, 4)
+    for bad in [(3, 2, 3), (2, 3), (1, 1, 3)]:  # extra layers, 2-D, a batch of 1 that would broadcast
+        with pytest.raises(RuntimeError, match=r"hx\[0\] \(h_0\) must have shape \(1, 2, 3\)"):
+            LF.lstm(x, (torch.zeros(bad), torch.zeros(1, 2, 3)), w, backend="torch")
+    with pytest.raises(RuntimeError, match=r"hx\[1\] \(c_0\) must have shape"):
+        LF.lstm(x, (torch.zeros(1, 2, 3), torch.zeros(1, 2, 4)), w, backend="torch")
+
+
+def test_second_derivative_is_torchs_or_raises(lstm_backend):
+    """Double backward (create_graph=True): the reference differentiates its own ops and matches nn.LSTM; the
+    fused kernels' gradients are not differentiable, so going through them again must raise, not give a wrong
+    (partial) result."""
+    torch.manual_seed(4)
+    ours, ref = _pair(legw_fused.LSTM, nn.LSTM, 3, 4, backend=lstm_backend)
+    x = torch.randn(5, 2, 3)
+
+    def second(m):
+        xi = x.clone().requires_grad_()
+        g, = torch.autograd.grad(m(xi)[0].sum(), xi, create_graph=True)
+        return torch.autograd.grad((g ** 2).sum(), m.weight_ih_l0)[0]
+
+    if lstm_backend == "torch":
+        _close("d2", second(ours), second(ref), TOL[torch.float32][1])
+    else:
+        with pytest.raises(NotImplementedError, match="second derivatives"):
+            second(ours)
+        xi = x.clone().requires_grad_()  # a plain backward is unaffected
+        ours(xi)[0].sum().backward()
+        assert xi.grad is not None
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_autocast_runs_the_layer_in_the_autocast_dtype(lstm_backend, batch_first):
+    """Under torch.autocast an fp32 LSTM computes as torch's does there: input, states and weights cast to the
+    autocast dtype. Oracle: nn.LSTM in fp32 on the bf16-rounded weights and input (bf16 bound); gradients reach the
+    fp32 weights in fp32."""
+    torch.manual_seed(5)
+    ours, ref = _pair(legw_fused.LSTM, nn.LSTM, 3, 4, 2, batch_first=batch_first, backend=lstm_backend)
+    ref.load_state_dict({k: v.bfloat16().float() for k, v in ours.state_dict().items()})
+    x = torch.randn((2, 5, 3) if batch_first else (5, 2, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h_n, c_n) = ours(x)
+    assert out.dtype == h_n.dtype == c_n.dtype == torch.bfloat16
+    rout, (rh, rc) = ref(x.bfloat16().float())
+    for name, got, want in (("out", out, rout), ("h_n", h_n, rh), ("c_n", c_n, rc)):
+        _close(name, got, want, TOL[torch.bfloat16][0])
+    (out.float().sum() + c_n.float().sum()).backward()
+    (rout.sum() + rc.sum()).backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert p.grad.dtype == torch.float32, name
+        _close(name, p.grad, q.grad, TOL[torch.bfloat16][1])
 
 
 def test_state_dict_and_isinstance_are_torchs():

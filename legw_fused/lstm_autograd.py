@@ -8,6 +8,7 @@ from torch import Tensor
 
 from . import _ops
 
+
 def _no_double_backward(backend: str) -> None:
     """The fused kernels' gradients are not differentiable themselves. A backward run with create_graph=True (grad
     mode on inside it) would build a graph that misses their part and give wrong second derivatives without a word

@@ -194,8 +194,7 @@ class _MomentumOptimizer(Optimizer):
                         state["master_param"] = p.detach().float()
                     if state.get("momentum_buffer") is not None and state["momentum_buffer"].dtype != torch.float32:
                         state["momentum_buffer"] = state["momentum_buffer"].float()
-                masters = [state["master_param"] for state in states]
-                masters = [local_tensor(m) for m in masters] if sharded else masters
+                masters = [local_tensor(s["master_param"]) if sharded else s["master_param"] for s in states]
             elif params[0].dtype in _LOW_PRECISION:
                 # master_weights switched off: the params (the masters' rounding) go on alone, momentum in their dtype.
                 for p, state in zip(params, states):
@@ -220,10 +219,10 @@ class _MomentumOptimizer(Optimizer):
 
         for call in calls:
             states, params = call["states"], call["params"]
-            bufs = [state.get("momentum_buffer") for state in states]
+            current = [state.get("momentum_buffer") for state in states]
             bufs = call["backend"].run_step(
                 call["local_params"], call["local_grads"],
-                [local_tensor(b) for b in bufs] if call["sharded"] else bufs, masters=call["masters"],
+                [local_tensor(b) for b in current] if call["sharded"] else current, masters=call["masters"],
                 norms_sq=call["norms_sq"], param_sq=call["param_sq"], param_sq_cached=call["param_sq_cached"],
                 **call["kwargs"])
             if call["group"]["momentum"] != 0:

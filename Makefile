@@ -10,7 +10,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup
 BUILD_FLAGS := skip=$(LEGW_FUSED_SKIP_CUDA_BUILD) force=$(LEGW_FUSED_FORCE_CUDA_BUILD) \
 	cuda_home=$(CUDA_HOME) arch=$(TORCH_CUDA_ARCH_LIST)
 
-.PHONY: demo test build clean FORCE
+.PHONY: demo test lint build clean FORCE
 
 # The MNIST-LSTM quick preset (a few minutes on 2 CPU cores); results, table and plots go to results/mnist/.
 demo: build
@@ -18,6 +18,11 @@ demo: build
 
 test: build
 	$(BIN)/python -m pytest -q
+
+# Python: ruff (pyflakes, pycodestyle, import order; pyproject.toml). C++/CUDA: clang-format (.clang-format).
+lint: $(DEPS)
+	$(BIN)/ruff check .
+	$(BIN)/clang-format --dry-run --Werror $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
 build: $(BUILT)
 

@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 import legw_fused
-from legw_fused.bench.optimizer import (add_common_args, cpu_medians_ms, cuda_median_ms, metadata,
-                                        write_results)
-from legw_fused.functional import lstm_layer_reference
-from legw_fused.lstm_backends import LSTM_AUTO_ORDER, LSTM_BACKENDS
+from legw_fused.backends import AUTO_ORDER, LSTM_BACKENDS
+from legw_fused.bench.harness import add_common_args, cpu_times_ms, cuda_times_ms, describe, metadata, write_results
+from legw_fused.ops.lstm_reference import layer as lstm_layer_reference
 
 # (T, I, H, dtype, batch sizes): the paper's MNIST-LSTM, a PTB-style word LM (input = embedding = hidden), and
 # FlashRNN's published setting.
@@ -80,7 +79,7 @@ def providers(device: torch.device, I: int, H: int, dtype: torch.dtype):
     out = [("nn.LSTM" + (" (cuDNN)" if device.type == "cuda" else ""), base)]
     if device.type == "cuda":
         out.append(("nn.LSTM, cuDNN off (native cell)", base))
-    for name in LSTM_AUTO_ORDER.get(device.type, ()):
+    for name in AUTO_ORDER.get(device.type, ()):
         if name != "torch" and LSTM_BACKENDS[name].unavailable_reason(device.type, dtype) is None:
             ours = legw_fused.LSTM(I, H, device=device, dtype=dtype, backend=name)
             ours.load_state_dict(base.state_dict())
@@ -133,13 +132,14 @@ def run_setting(name: str, device: torch.device, batches, warmup: int, reps: int
             x = torch.randn(T, B, I, device=device, dtype=dtype, requires_grad=backward)
             fns = [_call(_CudnnOff(m) if p.startswith("nn.LSTM, cuDNN off") else m, x, backward) for p, m in provs]
             if device.type == "cuda":
-                times = [cuda_median_ms(fn, warmup, reps) for fn in fns]
+                times = [cuda_times_ms(fn, warmup, reps) for fn in fns]
             else:
-                times = cpu_medians_ms(fns, warmup, reps)
-            base = times[0]
-            for (pname, _), ms in zip(provs, times):
+                times = cpu_times_ms(fns, warmup, reps)
+            base = times[0]["ms"]
+            for (pname, _), t in zip(provs, times):
+                ms = t["ms"]
                 rows.append({"setting": name, "T": T, "I": I, "H": H, "B": B, "dtype": str(dtype).removeprefix(
-                    "torch."), "pass": "fwd+bwd" if backward else "fwd", "provider": pname, "ms": ms,
+                    "torch."), "pass": "fwd+bwd" if backward else "fwd", "provider": pname, **t,
                     "TFLOPs": flops(T, B, I, H, backward) / (ms * 1e-3) / 1e12, "vs_nn_LSTM": base / ms})
     return rows
 
@@ -155,13 +155,13 @@ class _CudnnOff(nn.Module):
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"LSTM layer, {meta['device_name']} ({meta['device']}, {meta['threads']} threads), torch {meta['torch']}, "
-             f"triton {meta['triton']}, commit {meta['commit']}, {meta['date']}", "",
-             "| setting | T | I | H | B | dtype | pass | provider | ms | TFLOP/s | vs nn.LSTM |",
-             "|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|"]
+    lines = [f"LSTM layer, {describe(meta)}", "",
+             "| setting | T | I | H | B | dtype | pass | provider | ms (p50) | p20 - p80 | TFLOP/s | vs nn.LSTM |",
+             "|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['T']} | {r['I']} | {r['H']} | {r['B']} | {r['dtype']} | {r['pass']} | "
-                     f"{r['provider']} | {r['ms']:.3f} | {r['TFLOPs']:.3f} | {r['vs_nn_LSTM']:.2f}x |")
+                     f"{r['provider']} | {r['ms']:.3f} | {r['p20']:.3f} - {r['p80']:.3f} | {r['TFLOPs']:.3f} | "
+                     f"{r['vs_nn_LSTM']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -179,8 +179,6 @@ def main(argv=None) -> int:
     if any(b <= 0 for b in args.batches or ()):
         parser.error("--batches must be positive integers")
     meta = metadata(device)
-    for key in ("schedule", "hyperparameters"):
-        meta.pop(key, None)
     rows = []
     for s in settings:
         batches = args.batches or (CPU_DEFAULT.get(s) if device.type == "cpu" else None)

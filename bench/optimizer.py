@@ -9,25 +9,19 @@ Reported per provider: median time per step; effective bandwidth at the bytes a 
 LARS 24 B per fp32 element: read p, g, m and write p, m, plus one more read of g for its norm), as % of a copy and
 of an add_ pass measured in the same run; speedup over the baseline (torch foreach SGD / timm Lars). LARS runs
 with the |p|^2 cache (default) and without it. JSON and
-Markdown go to bench/results/ with device, versions and commit.
+Markdown go to bench/results/ with device, versions and commit (bench/harness.py: the history is kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import platform
-import statistics
-import subprocess
-import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 import legw_fused
 from legw_fused.bench import shapes as shape_sets
+from legw_fused.bench.harness import add_common_args, cpu_times_ms, cuda_times_ms, describe, metadata, write_results
 
 SCHED = dict(base_lr=0.1, base_batch_size=256, batch_size=8192, base_warmup_epochs=0.1, steps_per_epoch=50,
              epochs=90)
@@ -64,7 +58,7 @@ def providers(device: torch.device):
                                                                                                  **sgd_kw))))
     except (RuntimeError, ValueError) as exc:
         print(f"skip torch SGD fused on {device}: {exc}")
-    for name, b in legw_fused.backends.BACKENDS.items():
+    for name, b in legw_fused.backends.STEP_BACKENDS.items():
         reason = b.unavailable_reason(device.type, torch.float32)
         if reason is not None:
             print(f"skip legw_fused backend {name!r} on {device}: {reason}")
@@ -86,10 +80,10 @@ def providers(device: torch.device):
                         lambda ps: _with_sched(bnb.optim.LARS(ps, lr=schedule().peak_lr, **HP))))
         except ImportError as exc:
             print(f"skip bitsandbytes LARS: {exc}")
-    for name, b in legw_fused.backends.BACKENDS.items():
+    for name, b in legw_fused.backends.STEP_BACKENDS.items():
         if b.unavailable_reason(device.type, torch.float32) is None:
             # The default keeps the |p|^2 cache (the norm pass reads only g); the uncached variant is the 28 B path.
-            variants = [("", True)] + ([(", no norm cache", False)] if b.norm_chunk is not None else [])
+            variants = [("", True)] + ([(", no norm cache", False)] if b.param_sq_chunk is not None else [])
             for suffix, cache in variants:
                 out.append((f"legw_fused.LARS [{name}{suffix}]", "lars",
                             lambda ps, name=name, cache=cache: legw_fused.LARS(
@@ -105,27 +99,6 @@ def _with_sched(opt):
         opt.step()
         sched.step()
     return step
-
-
-def cuda_median_ms(fn, warmup: int, reps: int) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=warmup * 10, rep=reps * 10, return_mode="median")
-
-
-def cpu_medians_ms(fns: list, warmup: int, reps: int) -> list[float]:
-    """Median wall time of each callable, measured round-robin: on a shared 2-core machine the speed drifts by
-    tens of percent over minutes, and interleaving makes every provider see the same drift."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, ts in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - start)
-    return [statistics.median(ts) * 1e3 for ts in times]
 
 
 def launches_per_step(fn, device: torch.device) -> int | None:
@@ -153,20 +126,20 @@ def run_set(set_name: str, device: torch.device, warmup: int, reps: int) -> list
         # GPU timings are stable: one provider at a time, so that only one parameter set occupies memory.
         for name, kind, fn in entries:
             rows.append({"set": set_name, "provider": name, "kind": kind, "numel": n,
-                         "ms": cuda_median_ms(fn, warmup, reps)})
+                         **cuda_times_ms(fn, warmup, reps)})
         del x, y, entries
         for name, kind, factory in providers(device):
             params = make_params(shape_list, device)
             fn = factory(params)
             rows.append({"set": set_name, "provider": name, "kind": kind, "numel": n,
-                         "ms": cuda_median_ms(fn, warmup, reps), "launches": launches_per_step(fn, device)})
+                         **cuda_times_ms(fn, warmup, reps), "launches": launches_per_step(fn, device)})
             del params, fn
             gc.collect()
             torch.cuda.empty_cache()
     else:
         entries += [(name, kind, factory(make_params(shape_list, device))) for name, kind, factory in providers(device)]
-        for (name, kind, _), ms in zip(entries, cpu_medians_ms([fn for _, _, fn in entries], warmup, reps)):
-            rows.append({"set": set_name, "provider": name, "kind": kind, "numel": n, "ms": ms})
+        for (name, kind, _), times in zip(entries, cpu_times_ms([fn for _, _, fn in entries], warmup, reps)):
+            rows.append({"set": set_name, "provider": name, "kind": kind, "numel": n, **times})
     bw = {r["kind"]: MIN_BYTES[r["kind"]] * n / (r["ms"] * 1e-3) / 1e9 for r in rows if r["kind"] in ("copy", "add")}
     base = {}
     for r in rows:
@@ -180,49 +153,14 @@ def run_set(set_name: str, device: torch.device, warmup: int, reps: int) -> list
     return rows
 
 
-def metadata(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
-                                                                             platform.machine())
-    return {"device": str(device), "device_name": name, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "triton": triton_version, "legw_fused": legw_fused.__version__,
-            "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "schedule": SCHED, "hyperparameters": HP}
-
-
-def add_common_args(parser: argparse.ArgumentParser, warmup: int, reps: int) -> None:
-    """--device, --warmup, --reps and --out, shared by the benchmarks."""
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--warmup", type=int, default=warmup)
-    parser.add_argument("--reps", type=int, default=reps)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-
-
-def write_results(out: str | Path, stem: str, meta: dict, rows: list[dict], table: str) -> None:
-    """<out>/<stem>.json (meta + rows) and <stem>.md (the table), then print the table."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / f"{stem}.md").write_text(table)
-    print(table)
-
-
 def markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"Optimizer step, {meta['device_name']} ({meta['device']}, {meta['threads']} threads), torch "
-             f"{meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']}", "",
-             "| set | provider | ms/step | B/elem (min) | GB/s | % copy | % add | speedup | launches |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"Optimizer step, {describe(meta)}", "",
+             "| set | provider | ms/step (p50) | p20 - p80 | B/elem (min) | GB/s | % copy | % add | speedup "
+             "| launches |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['set']} | {r['provider']} | {r['ms']:.3f} | {r['bytes_per_elem']} | {r['GBps']:.1f} | "
+        lines.append(f"| {r['set']} | {r['provider']} | {r['ms']:.3f} | {r['p20']:.3f} - {r['p80']:.3f} | "
+                     f"{r['bytes_per_elem']} | {r['GBps']:.1f} | "
                      f"{r['pct_copy']:.0f} | {r['pct_add']:.0f} | {r['speedup']:.2f}x | "
                      f"{r.get('launches') if r.get('launches') is not None else '-'} |")
     if any(r["set"] == "host-161" for r in rows):
@@ -242,7 +180,7 @@ def main(argv=None) -> int:
     unknown = [s for s in sets if s not in shape_sets.SETS]
     if unknown:
         parser.error(f"unknown set(s) {unknown}; choose from {list(shape_sets.SETS)}")
-    meta = metadata(device)
+    meta = {**metadata(device), "schedule": SCHED, "hyperparameters": HP}
     rows = [r for s in sets for r in run_set(s, device, args.warmup, args.reps)]
     write_results(args.out, f"optimizer_{device.type}", meta, rows, markdown(meta, rows))
     return 0

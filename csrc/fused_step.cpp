@@ -6,7 +6,7 @@
 // even split by chunk count left one of two threads with 80% of the work. SGD is one pass: read p, g, buf; write
 // p, buf (20 bytes per fp32 element). LARS reduces |p|^2 and |g|^2 per chunk and sums each tensor's chunk
 // partials in chunk order, so the result does not depend on the number of threads (bitwise repeatable); it works
-// through cache-sized groups of tensors (see kCacheGroup). With the |p|^2 cache (param_sq_partials) the update
+// through cache-sized groups of tensors (see kCacheGroup). With the |p|^2 cache (param_sq) the update
 // pass also sums the squares of what it stores, so the next step's norm pass reads only g.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -32,7 +32,7 @@ constexpr int64_t kChunk = kParamSqChunk;
 
 struct Chunk {
   int64_t tensor;
-  int64_t begin;   // element range within the tensor
+  int64_t begin;  // element range within the tensor
   int64_t end;
   int64_t offset;  // position of `begin` among all elements of the call
 };
@@ -102,8 +102,7 @@ inline f32x4 load4(const T* __restrict x, float scale) {
   if constexpr (std::is_same_v<T, float>) {
     std::memcpy(&w, x, sizeof(w));
   } else {
-    w = f32x4{static_cast<float>(x[0]), static_cast<float>(x[1]), static_cast<float>(x[2]),
-              static_cast<float>(x[3])};
+    w = f32x4{static_cast<float>(x[0]), static_cast<float>(x[1]), static_cast<float>(x[2]), static_cast<float>(x[3])};
   }
   return w * scale;
 }
@@ -147,8 +146,8 @@ double sum_squares(const T* __restrict x, int64_t n, float scale) {
 }
 
 template <typename P, typename B, bool kMomentum, bool kMaster>
-inline float update_one(P* __restrict p, const P* __restrict g, B* __restrict buf, float* __restrict master,
-                        int64_t i, float lr, float r, float inv_scale, const StepConfig& c) {
+inline float update_one(P* __restrict p, const P* __restrict g, B* __restrict buf, float* __restrict master, int64_t i,
+                        float lr, float r, float inv_scale, const StepConfig& c) {
   float pv = kMaster ? master[i] : static_cast<float>(p[i]);
   float bv = (kMomentum && !c.first_step) ? static_cast<float>(buf[i]) : 0.f;
   update_element(pv, static_cast<float>(g[i]) * inv_scale, bv, lr, r, c);
@@ -197,17 +196,18 @@ double update_chunk(P* __restrict p, const P* __restrict g, B* __restrict buf, f
 void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList masters,
                     const at::Tensor& step, const c10::optional<at::Tensor>& schedule,
                     const c10::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
-                    double weight_decay, bool nesterov, bool first_step, bool lars, double trust_coefficient,
-                    double eps, bool trust_clip, const c10::optional<at::Tensor>& grad_scale,
-                    const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& norms_sq,
-                    const c10::optional<at::Tensor>& param_sq_partials, bool param_sq_cached) {
+                    double weight_decay, bool nesterov, bool maximize, bool first_step, bool lars,
+                    double trust_coefficient, double eps, bool trust_clip, double max_trust_ratio,
+                    const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+                    const c10::optional<at::Tensor>& norms_sq, const c10::optional<at::Tensor>& param_sq,
+                    bool param_sq_cached) {
   check_fused_step_args(params, grads, bufs, masters, step, schedule, momentum,
                         {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}});
-  check_norm_args("fused_step_", params, norms_sq, param_sq_partials, param_sq_cached);
+  check_norm_args("fused_step_", params, norms_sq, param_sq, param_sq_cached);
   if (params.empty()) return;
   const auto chunks = make_chunks(params);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  float* partials = param_sq_partials.has_value() ? param_sq_partials->data_ptr<float>() : nullptr;
+  float* partials = param_sq.has_value() ? param_sq->data_ptr<float>() : nullptr;
 
   // A GradScaler found inf/NaN gradients: the step is skipped and nothing changes. (Host reads are free on CPU.)
   // The |p|^2 cache must still describe the params after the call: refreshed unless it already does.
@@ -243,15 +243,19 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   std::vector<float> ratio(params.size(), 1.f);
   const auto ratio_of = [&](double p_sq, double g_sq) {
     return trust_ratio(static_cast<float>(std::sqrt(p_sq)), static_cast<float>(std::sqrt(g_sq)), lr_f,
-                       static_cast<float>(trust_coefficient), static_cast<float>(weight_decay),
-                       static_cast<float>(eps), trust_clip);
+                       static_cast<float>(trust_coefficient), static_cast<float>(weight_decay), static_cast<float>(eps),
+                       trust_clip, static_cast<float>(max_trust_ratio));
   };
   if (lars && norms_sq.has_value()) {
     const float* norms = norms_sq->data_ptr<float>();
     for (int64_t t = 0; t < n_tensors; ++t) ratio[t] = ratio_of(norms[t], norms[n_tensors + t]);
   }
-  const StepConfig cfg{static_cast<float>(momentum), static_cast<float>(dampening), static_cast<float>(weight_decay),
-                       nesterov, first_step};
+  const StepConfig cfg{static_cast<float>(momentum),
+                       static_cast<float>(dampening),
+                       static_cast<float>(weight_decay),
+                       nesterov,
+                       maximize,
+                       first_step};
   dispatch_param_type(params[0].scalar_type(), [&](auto tag) {
     using P = decltype(tag);
     // |p|^2 (read from the cache, or summed) and |g|^2 of chunks [c0, c1), summed per tensor in chunk order, then
@@ -318,16 +322,15 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 }
 
 at::Tensor sum_squares_cpu(at::TensorList params, at::TensorList grads, at::TensorList masters,
-                           const c10::optional<at::Tensor>& param_sq_partials,
-                           const c10::optional<at::Tensor>& grad_scale) {
+                           const c10::optional<at::Tensor>& param_sq, const c10::optional<at::Tensor>& grad_scale) {
   check_sum_squares_args(params, grads, masters, grad_scale);
-  check_norm_args("sum_squares", params, c10::nullopt, param_sq_partials, false);
+  check_norm_args("sum_squares", params, c10::nullopt, param_sq, false);
   const int64_t n = static_cast<int64_t>(params.size());
-  at::Tensor out = at::zeros({2, n}, at::TensorOptions().dtype(at::kFloat).device(
-                                         params.empty() ? at::Device(at::kCPU) : params[0].device()));
+  at::Tensor out = at::zeros(
+      {2, n}, at::TensorOptions().dtype(at::kFloat).device(params.empty() ? at::Device(at::kCPU) : params[0].device()));
   if (n == 0) return out;
   const float inv_scale = grad_scale.has_value() ? static_cast<float>(1.0 / grad_scale->item<double>()) : 1.f;
-  const float* cached = param_sq_partials.has_value() ? param_sq_partials->data_ptr<float>() : nullptr;
+  const float* cached = param_sq.has_value() ? param_sq->data_ptr<float>() : nullptr;
   const auto chunks = make_chunks(params);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
   std::vector<double> p_sq(n_chunks), g_sq(n_chunks);

@@ -18,17 +18,19 @@ namespace legw_fused {
 // Lists: params [N tensors], grads [N], momentum_buffers [N or 0 when momentum == 0], master_params [N or 0].
 // All tensors of one call share a device and the params' dtype (fp32, bf16 or fp16), are contiguous and match
 // their param's numel; with master weights, masters and buffers are fp32.
-inline void check_fused_step_args(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                                  at::TensorList masters, const at::Tensor& step,
-                                  const c10::optional<at::Tensor>& schedule, double momentum,
-                                  std::initializer_list<std::pair<const char*, const c10::optional<at::Tensor>*>>
-                                      scalars) {
+inline void check_fused_step_args(
+    at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList masters, const at::Tensor& step,
+    const c10::optional<at::Tensor>& schedule, double momentum,
+    std::initializer_list<std::pair<const char*, const c10::optional<at::Tensor>*>> scalars) {
   const auto n = params.size();
   TORCH_CHECK(grads.size() == n, "fused_step_: ", n, " params but ", grads.size(), " grads");
-  TORCH_CHECK(bufs.size() == (momentum != 0 ? n : 0), "fused_step_: momentum_buffers must hold one tensor per "
-              "param when momentum != 0 and none otherwise; got ", bufs.size(), " for ", n, " params");
+  TORCH_CHECK(bufs.size() == (momentum != 0 ? n : 0),
+              "fused_step_: momentum_buffers must hold one tensor per "
+              "param when momentum != 0 and none otherwise; got ",
+              bufs.size(), " for ", n, " params");
   TORCH_CHECK(masters.empty() || masters.size() == n, "fused_step_: master_params must be empty or one per param");
-  TORCH_CHECK(step.scalar_type() == at::kLong && step.numel() == 1, "fused_step_: step must be a one-element "
+  TORCH_CHECK(step.scalar_type() == at::kLong && step.numel() == 1,
+              "fused_step_: step must be a one-element "
               "int64 tensor");
   if (schedule.has_value()) {
     TORCH_CHECK(schedule->scalar_type() == at::kDouble && schedule->dim() == 1 && schedule->is_contiguous() &&
@@ -44,18 +46,18 @@ inline void check_fused_step_args(at::TensorList params, at::TensorList grads, a
   const auto buf_dtype = masters.empty() ? dtype : at::kFloat;
   for (size_t i = 0; i < n; ++i) {
     const auto& p = params[i];
-    TORCH_CHECK(p.scalar_type() == dtype && p.device() == device, "fused_step_: param ", i, " is ",
-                p.scalar_type(), " on ", p.device(), "; the call's params are ", dtype, " on ", device);
+    TORCH_CHECK(p.scalar_type() == dtype && p.device() == device, "fused_step_: param ", i, " is ", p.scalar_type(),
+                " on ", p.device(), "; the call's params are ", dtype, " on ", device);
     TORCH_CHECK(p.is_contiguous(), "fused_step_: param ", i, " is not contiguous");
-    TORCH_CHECK(grads[i].scalar_type() == dtype && grads[i].device() == device &&
-                    grads[i].numel() == p.numel() && grads[i].is_contiguous(),
-                "fused_step_: grad ", i, " must be a contiguous ", dtype, " tensor of ", p.numel(),
-                " elements on ", device);
+    TORCH_CHECK(grads[i].scalar_type() == dtype && grads[i].device() == device && grads[i].numel() == p.numel() &&
+                    grads[i].is_contiguous(),
+                "fused_step_: grad ", i, " must be a contiguous ", dtype, " tensor of ", p.numel(), " elements on ",
+                device);
     if (!bufs.empty()) {
-      TORCH_CHECK(bufs[i].scalar_type() == buf_dtype && bufs[i].device() == device &&
-                      bufs[i].numel() == p.numel() && bufs[i].is_contiguous(),
-                  "fused_step_: momentum buffer ", i, " must be a contiguous ", buf_dtype, " tensor of ",
-                  p.numel(), " elements on ", device);
+      TORCH_CHECK(bufs[i].scalar_type() == buf_dtype && bufs[i].device() == device && bufs[i].numel() == p.numel() &&
+                      bufs[i].is_contiguous(),
+                  "fused_step_: momentum buffer ", i, " must be a contiguous ", buf_dtype, " tensor of ", p.numel(),
+                  " elements on ", device);
     }
     if (!masters.empty()) {
       TORCH_CHECK(masters[i].scalar_type() == at::kFloat && masters[i].device() == device &&
@@ -110,12 +112,12 @@ inline int64_t param_sq_chunks(at::TensorList params) {
   return chunks;
 }
 
-// norms_sq: float32 [2, N]; param_sq_partials: float32 [param_sq_chunks(params)]; both contiguous on the params'
-// device. param_sq_cached needs the partials.
+// norms_sq: float32 [2, N]; param_sq: float32 [param_sq_chunks(params)]; both contiguous on the params'
+// device. param_sq_cached needs param_sq.
 inline void check_norm_args(const char* op, at::TensorList params, const c10::optional<at::Tensor>& norms_sq,
-                            const c10::optional<at::Tensor>& partials, bool cached) {
-  const auto device = params.empty() ? (partials.has_value() ? partials->device() : at::Device(at::kCPU))
-                                     : params[0].device();
+                            const c10::optional<at::Tensor>& param_sq, bool cached) {
+  const auto device =
+      params.empty() ? (param_sq.has_value() ? param_sq->device() : at::Device(at::kCPU)) : params[0].device();
   if (norms_sq.has_value()) {
     const auto n = static_cast<int64_t>(params.size());
     TORCH_CHECK(norms_sq->scalar_type() == at::kFloat && norms_sq->is_contiguous() && norms_sq->dim() == 2 &&
@@ -123,14 +125,14 @@ inline void check_norm_args(const char* op, at::TensorList params, const c10::op
                 op, ": norms_sq must be a contiguous float32 tensor of shape [2, ", n, "] on ", device, ", got ",
                 norms_sq->scalar_type(), " ", norms_sq->sizes(), " on ", norms_sq->device());
   }
-  TORCH_CHECK(!cached || partials.has_value(), op, ": param_sq_cached needs param_sq_partials");
-  if (partials.has_value()) {
+  TORCH_CHECK(!cached || param_sq.has_value(), op, ": param_sq_cached needs param_sq");
+  if (param_sq.has_value()) {
     const int64_t chunks = param_sq_chunks(params);
-    TORCH_CHECK(partials->scalar_type() == at::kFloat && partials->is_contiguous() && partials->dim() == 1 &&
-                    partials->numel() == chunks && partials->device() == device,
-                op, ": param_sq_partials must be a contiguous 1-D float32 tensor of ", chunks, " elements (one per ",
-                kParamSqChunk, "-element chunk of each param) on ", device, ", got ", partials->scalar_type(), " ",
-                partials->sizes(), " on ", partials->device());
+    TORCH_CHECK(param_sq->scalar_type() == at::kFloat && param_sq->is_contiguous() && param_sq->dim() == 1 &&
+                    param_sq->numel() == chunks && param_sq->device() == device,
+                op, ": param_sq must be a contiguous 1-D float32 tensor of ", chunks, " elements (one per ",
+                kParamSqChunk, "-element chunk of each param) on ", device, ", got ", param_sq->scalar_type(), " ",
+                param_sq->sizes(), " on ", param_sq->device());
   }
 }
 

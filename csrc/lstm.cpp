@@ -12,8 +12,8 @@
 // carried in fp32 across steps too); x, h0, c0 and the output are the caller's tensors.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -56,8 +56,7 @@ bool has_avx2() {
 
 }  // namespace
 
-void pointwise_fwd_cpu(at::Tensor& a, const at::Tensor& bias, const at::Tensor& c_prev, at::Tensor& c,
-                       at::Tensor& h) {
+void pointwise_fwd_cpu(at::Tensor& a, const at::Tensor& bias, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& h) {
   const int64_t B = a.size(0), H = c.size(1);
   const bool wide = has_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "lstm_pointwise_fwd_cpu", [&] {
@@ -76,8 +75,8 @@ void pointwise_fwd_cpu(at::Tensor& a, const at::Tensor& bias, const at::Tensor& 
   });
 }
 
-void pointwise_bwd_cpu(const at::Tensor& act, const at::Tensor& c_prev, const at::Tensor& c,
-                       const at::Tensor& dout, const at::Tensor& dh_rec, at::Tensor& dc, at::Tensor& da) {
+void pointwise_bwd_cpu(const at::Tensor& act, const at::Tensor& c_prev, const at::Tensor& c, const at::Tensor& dout,
+                       const at::Tensor& dh_rec, at::Tensor& dc, at::Tensor& da) {
   const int64_t B = act.size(0), H = c.size(1);
   const bool wide = has_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, act.scalar_type(), "lstm_pointwise_bwd_cpu", [&] {
@@ -135,13 +134,12 @@ void check_layer_args(const at::Tensor& x, const at::Tensor& w_ih, const at::Ten
   TORCH_CHECK(x.dim() == 3, "lstm_layer: x must be [T, B, I], got ", x.sizes());
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
   TORCH_CHECK(T > 0, "lstm_layer: x must have at least one step");
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H, "lstm_layer: weight_hh must be [4H, H], got ",
-              w_hh.sizes());
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == 4 * H && w_ih.size(1) == I, "lstm_layer: weight_ih must be [",
-              4 * H, ", ", I, "], got ", w_ih.sizes());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H, "lstm_layer: weight_hh must be [4H, H], got ", w_hh.sizes());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == 4 * H && w_ih.size(1) == I, "lstm_layer: weight_ih must be [", 4 * H,
+              ", ", I, "], got ", w_ih.sizes());
   for (const auto* b : {&b_ih, &b_hh}) {
-    TORCH_CHECK(!b->has_value() || ((*b)->dim() == 1 && (*b)->size(0) == 4 * H), "lstm_layer: biases must be [",
-                4 * H, "]");
+    TORCH_CHECK(!b->has_value() || ((*b)->dim() == 1 && (*b)->size(0) == 4 * H), "lstm_layer: biases must be [", 4 * H,
+                "]");
   }
   TORCH_CHECK(h0.sizes() == at::IntArrayRef({B, H}) && c0.sizes() == at::IntArrayRef({B, H}),
               "lstm_layer: h0 and c0 must be [", B, ", ", H, "], got ", h0.sizes(), " and ", c0.sizes());
@@ -247,10 +245,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
-    const c10::optional<at::Tensor>& dout, const c10::optional<at::Tensor>& dh_n,
-    const c10::optional<at::Tensor>& dc_n, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& out, const at::Tensor& act, const at::Tensor& cs,
-    bool reverse, bool compute_dx) {
+    const c10::optional<at::Tensor>& dout, const c10::optional<at::Tensor>& dh_n, const c10::optional<at::Tensor>& dc_n,
+    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& out, const at::Tensor& act, const at::Tensor& cs, bool reverse, bool compute_dx) {
   return layer_bwd(pointwise_bwd_cpu, dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, act, cs, reverse, compute_dx);
 }
 
@@ -262,10 +259,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
-    const c10::optional<at::Tensor>& dout, const c10::optional<at::Tensor>& dh_n,
-    const c10::optional<at::Tensor>& dc_n, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& out, const at::Tensor& act, const at::Tensor& cs,
-    bool reverse, bool compute_dx) {
+    const c10::optional<at::Tensor>& dout, const c10::optional<at::Tensor>& dh_n, const c10::optional<at::Tensor>& dc_n,
+    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& out, const at::Tensor& act, const at::Tensor& cs, bool reverse, bool compute_dx) {
   return layer_bwd(pointwise_bwd_cuda, dout, dh_n, dc_n, x, w_ih, w_hh, h0, c0, out, act, cs, reverse, compute_dx);
 }
 #endif
@@ -274,20 +270,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace legw_fused
 
 // The LSTM ops are a fragment of the legw_fused library (the optimizer ops are defined in legw_fused.cpp).
-TORCH_LIBRARY_FRAGMENT(legw_fused, m) {
-  // One layer, one direction. Returns (out [T,B,H], h_n [B,H], c_n [B,H], gates [T,B,4H] (activated, for
-  // backward), cs [T,B,H] (cell states in fp32/fp64, for backward)).
-  m.def(
-      "lstm_layer_fwd(Tensor x, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor h0, Tensor c0, "
-      "bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Its backward: gradients of out/h_n/c_n in (any may be absent), returns (dx, dw_ih, dw_hh, db, dh0, dc0);
-  // db is the gradient of both b_ih and b_hh; dx is empty ([0]) unless compute_dx.
-  m.def(
-      "lstm_layer_bwd(Tensor? dout, Tensor? dh_n, Tensor? dc_n, Tensor x, Tensor w_ih, Tensor w_hh, Tensor h0, "
-      "Tensor c0, Tensor out, Tensor gates, Tensor cs, bool reverse, bool compute_dx) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(legw_fused, CPU, m) {
   m.impl("lstm_layer_fwd", &legw_fused::lstm::lstm_layer_fwd_cpu);
   m.impl("lstm_layer_bwd", &legw_fused::lstm::lstm_layer_bwd_cpu);

@@ -100,15 +100,13 @@ struct Bwd {
 //        h [B,H] (param dtype) out.
 //   bwd: act [B,G], c_prev, c [B,H] (acc); dout [B,H] (may be undefined) + dh_rec [B,H] = the gradient reaching h;
 //        dc [B,H] (acc) in: from the next step, out: to c_prev; da [B,G] out (param dtype).
-void pointwise_fwd_cpu(at::Tensor& a, const at::Tensor& bias, const at::Tensor& c_prev, at::Tensor& c,
-                       at::Tensor& h);
-void pointwise_bwd_cpu(const at::Tensor& act, const at::Tensor& c_prev, const at::Tensor& c,
-                       const at::Tensor& dout, const at::Tensor& dh_rec, at::Tensor& dc, at::Tensor& da);
+void pointwise_fwd_cpu(at::Tensor& a, const at::Tensor& bias, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& h);
+void pointwise_bwd_cpu(const at::Tensor& act, const at::Tensor& c_prev, const at::Tensor& c, const at::Tensor& dout,
+                       const at::Tensor& dh_rec, at::Tensor& dc, at::Tensor& da);
 #ifdef LEGW_FUSED_WITH_CUDA
-void pointwise_fwd_cuda(at::Tensor& a, const at::Tensor& bias, const at::Tensor& c_prev, at::Tensor& c,
-                        at::Tensor& h);
-void pointwise_bwd_cuda(const at::Tensor& act, const at::Tensor& c_prev, const at::Tensor& c,
-                        const at::Tensor& dout, const at::Tensor& dh_rec, at::Tensor& dc, at::Tensor& da);
+void pointwise_fwd_cuda(at::Tensor& a, const at::Tensor& bias, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& h);
+void pointwise_bwd_cuda(const at::Tensor& act, const at::Tensor& c_prev, const at::Tensor& c, const at::Tensor& dout,
+                        const at::Tensor& dh_rec, at::Tensor& dc, at::Tensor& da);
 #endif
 
 }  // namespace lstm

@@ -1,13 +1,14 @@
 """Triton fused SGD/LARS step over lists of tensors: the "triton" backend.
 
-Legend: N tensors in one call, C chunks (CHUNK consecutive elements of one tensor; one program each).
+Legend: N tensors in one call, C chunks (PARAM_SQ_CHUNK consecutive elements of one tensor; one program each).
 
 One call = one update launch (SGD), or three for LARS: per-chunk sums of squares -> per-tensor trust ratios (chunk
-partials summed in chunk order: bitwise repeatable) -> update. With the |p|^2 cache (param_sq_partials) the update
+partials summed in chunk order: bitwise repeatable) -> update. With the |p|^2 cache (param_sq) the update
 also stores each chunk's sum of squares of the values it writes, and the next call's first launch reads only g;
-with given norms (norms_sq, e.g. all-reduced over ranks) the update computes the ratios itself: one launch. The LR is evaluated inside the kernels from the
-device step count and the packed LEGW schedule (or read from a device tensor), so a step never reads back to the
-host. The same math as csrc/fused_step.h and legw_fused/reference.py.
+with given norms (norms_sq, e.g. all-reduced over ranks) the update computes the ratios itself: one launch. The LR
+is evaluated inside the kernels from the device step count and the packed LEGW schedule (or read from a device
+tensor), so a step never reads back to the host. The same math as csrc/fused_step.h and
+legw_fused/ops/fused_step_reference.py.
 
 Tensor lists travel as int64 tables of data pointers, built once per distinct set of tensors and cached: the
 steady state (same parameters, same gradient buffers) launches with no host-to-device copy, which also keeps the
@@ -27,8 +28,9 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Elements per program (enough work per program, few programs for a 25M-parameter model) and per loop iteration.
 # The interpreter pays per operation, not per element: larger blocks, still several chunks and iterations per tensor.
-# CHUNK is also the layout of the |p|^2 cache; legw_fused.backends.TRITON_CHUNK states the same rule.
-CHUNK, BLOCK = (16384, 4096) if INTERPRETED else (65536, 1024)
+# The chunk is also the layout of the |p|^2 cache (param_sq); legw_fused.ops.fused_step.TRITON_PARAM_SQ_CHUNK states
+# the same rule.
+PARAM_SQ_CHUNK, BLOCK = (16384, 4096) if INTERPRETED else (65536, 1024)
 
 _TL_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 LR_FLOAT, LR_TENSOR, LR_SCHEDULE = 0, 1, 2
@@ -136,11 +138,11 @@ def _sum_squares_kernel(p_ptrs, g_ptrs, m_ptrs, numels, chunk_tensor, chunk_star
 
 
 @triton.jit
-def _ratio(p_sq, g_sq, lr, trust_coefficient, weight_decay, eps, CLIP: tl.constexpr):
+def _ratio(p_sq, g_sq, lr, trust_coefficient, weight_decay, eps, max_ratio, CLIP: tl.constexpr):
     """LARS trust ratio from the sums of squares (csrc/fused_step.h's trust_ratio)."""
     p_norm = tl.sqrt(p_sq)
     g_norm = tl.sqrt(g_sq)
-    ratio = trust_coefficient * p_norm / (g_norm + weight_decay * p_norm + eps)
+    ratio = tl.minimum(trust_coefficient * p_norm / (g_norm + weight_decay * p_norm + eps), max_ratio)
     if CLIP:
         ratio = tl.where(lr > 0, tl.minimum(ratio / tl.maximum(lr, 1e-38), 1.0), 1.0)
     # Typed: the interpreter promotes where(scalar fp32, 1.0) to fp64 (compiled Triton keeps fp32), and an fp64 ratio
@@ -150,7 +152,8 @@ def _ratio(p_sq, g_sq, lr, trust_coefficient, weight_decay, eps, CLIP: tl.conste
 
 @triton.jit
 def _trust_ratio_kernel(partials, p_cached, first_chunk, out, n_tensors, step_ptr, sched_ptr, sched_len, lr_ptr,
-                        lr_value, trust_coefficient, weight_decay, eps, LR_MODE: tl.constexpr, CLIP: tl.constexpr,
+                        lr_value, trust_coefficient, weight_decay, eps, max_ratio, LR_MODE: tl.constexpr,
+                        CLIP: tl.constexpr,
                         BLOCK_C: tl.constexpr, CACHED: tl.constexpr, SUMS: tl.constexpr):
     """Tensor t's chunk partials added in chunk order (no atomics: repeatable) -> out[t] = its trust ratio, or with
     SUMS out[t], out[N + t] = its sums of squares. CACHED: the p partials come from the |p|^2 cache."""
@@ -174,19 +177,20 @@ def _trust_ratio_kernel(partials, p_cached, first_chunk, out, n_tensors, step_pt
         tl.store(out + n_tensors + t, g_sq)
     else:
         lr = _lr(step_ptr, sched_ptr, sched_len, lr_ptr, lr_value, LR_MODE)
-        tl.store(out + t, _ratio(p_sq, g_sq, lr, trust_coefficient, weight_decay, eps, CLIP))
+        tl.store(out + t, _ratio(p_sq, g_sq, lr, trust_coefficient, weight_decay, eps, max_ratio, CLIP))
 
 
 @triton.jit
 def _fused_step_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, numels, chunk_tensor, chunk_start, ratios, norms, n_tensors,
-                       p_sq_out, step_ptr, sched_ptr, sched_len, lr_ptr, lr_value, momentum, dampening, weight_decay,
-                       trust_coefficient, eps, scale_ptr, found_ptr, LR_MODE: tl.constexpr, P_TYPE: tl.constexpr,
-                       B_TYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
-                       NESTEROV: tl.constexpr, MASTER: tl.constexpr, LARS: tl.constexpr, NORMS: tl.constexpr,
-                       CLIP: tl.constexpr, P_SQ: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
-                       BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """One chunk of the update: d = r*(g + wd*p); momentum; p -= lr*d (see csrc/fused_step.h). r from `ratios`, or
-    with NORMS from the given sums of squares. P_SQ: p_sq_out[c] = sum of squares of the values stored (of the
+                       param_sq, step_ptr, sched_ptr, sched_len, lr_ptr, lr_value, momentum, dampening, weight_decay,
+                       trust_coefficient, eps, max_ratio, scale_ptr, found_ptr, LR_MODE: tl.constexpr,
+                       P_TYPE: tl.constexpr, B_TYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
+                       NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, LARS: tl.constexpr,
+                       NORMS: tl.constexpr, CLIP: tl.constexpr, P_SQ: tl.constexpr, HAS_SCALE: tl.constexpr,
+                       HAS_INF: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """One chunk of the update: d = r*(g + wd*p) (g negated with MAXIMIZE); momentum; p -= lr*d (see
+    csrc/fused_step.h). r from `ratios`, or with NORMS from the given sums of squares. P_SQ: param_sq[c] = sum of
+    squares of the values stored (of the
     unchanged values when found_inf skips the step, so that the |p|^2 cache stays right)."""
     c = tl.program_id(0)
     t = tl.load(chunk_tensor + c)
@@ -201,7 +205,7 @@ def _fused_step_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, numels, chunk_tensor, chu
     if LARS:
         if NORMS:
             r = _ratio(tl.load(norms + t), tl.load(norms + n_tensors + t), lr, trust_coefficient, weight_decay, eps,
-                       CLIP)
+                       max_ratio, CLIP)
         else:
             r = tl.load(ratios + t)
     p_base = tl.load(p_ptrs + t).to(tl.pointer_type(P_TYPE))
@@ -214,6 +218,8 @@ def _fused_step_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, numels, chunk_tensor, chu
         mask = offs < end
         store = offs < write_end
         g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32) * inv
+        if MAXIMIZE:
+            g = -g
         if MASTER:
             p = tl.load(m_base + offs, mask=mask, other=0.0)
         else:
@@ -243,7 +249,7 @@ def _fused_step_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, numels, chunk_tensor, chu
             kept = tl.where(mask, kept, 0.0)
             acc += kept * kept
     if P_SQ:
-        tl.store(p_sq_out + c, tl.sum(acc, axis=0))
+        tl.store(param_sq + c, tl.sum(acc, axis=0))
 
 
 class _Tables:
@@ -292,19 +298,19 @@ def _tables(lists, device, chunk) -> _Tables:
     return tables
 
 
-def _check_norm_args(n, n_chunks, device, norms_sq, partials, cached, op="fused_step_"):
+def _check_norm_args(n, n_chunks, device, norms_sq, param_sq, cached, op="fused_step_"):
     if norms_sq is not None and (norms_sq.dtype != torch.float32 or tuple(norms_sq.shape) != (2, n)
                                  or norms_sq.device != device or not norms_sq.is_contiguous()):
         raise ValueError(f"{op} (triton): norms_sq must be a contiguous float32 tensor of shape [2, {n}] on "
                          f"{device}, got {norms_sq.dtype} {tuple(norms_sq.shape)} on {norms_sq.device}")
-    if cached and partials is None:
-        raise ValueError(f"{op} (triton): param_sq_cached needs param_sq_partials")
-    if partials is not None and (partials.dtype != torch.float32 or partials.dim() != 1
-                                 or partials.numel() != n_chunks or partials.device != device
-                                 or not partials.is_contiguous()):
-        raise ValueError(f"{op} (triton): param_sq_partials must be a contiguous 1-D float32 tensor of {n_chunks} "
-                         f"elements (one per chunk) on {device}, got {partials.dtype} {tuple(partials.shape)} on "
-                         f"{partials.device}")
+    if cached and param_sq is None:
+        raise ValueError(f"{op} (triton): param_sq_cached needs param_sq")
+    if param_sq is not None and (param_sq.dtype != torch.float32 or param_sq.dim() != 1
+                                 or param_sq.numel() != n_chunks or param_sq.device != device
+                                 or not param_sq.is_contiguous()):
+        raise ValueError(f"{op} (triton): param_sq must be a contiguous 1-D float32 tensor of {n_chunks} "
+                         f"elements (one per chunk) on {device}, got {param_sq.dtype} {tuple(param_sq.shape)} on "
+                         f"{param_sq.device}")
 
 
 def _check_lists(params, grads, master_params, op):
@@ -324,8 +330,9 @@ def _check_lists(params, grads, master_params, op):
 
 
 def fused_step_(params, grads, momentum_buffers, master_params, step, schedule, lr_tensor, lr, momentum, dampening,
-                weight_decay, nesterov, first_step, lars, trust_coefficient, eps, trust_clip, grad_scale, found_inf,
-                norms_sq=None, param_sq_partials=None, param_sq_cached=False, *, chunk: int = CHUNK,
+                weight_decay, nesterov, maximize, first_step, lars, trust_coefficient, eps, trust_clip,
+                max_trust_ratio, grad_scale, found_inf, norms_sq=None, param_sq=None, param_sq_cached=False, *,
+                chunk: int = PARAM_SQ_CHUNK,
                 block: int = BLOCK) -> None:
     """The triton implementation of legw_fused::fused_step_ (same arguments and semantics, csrc/legw_fused.cpp;
     its |p|^2 cache has one entry per ``chunk`` elements)."""
@@ -352,18 +359,19 @@ def fused_step_(params, grads, momentum_buffers, master_params, step, schedule, 
                     ("found_inf", found_inf)):
         if x is not None and x.device != device:
             raise ValueError(f"fused_step_ (triton): {name} is on {x.device}, the params on {device}")
-    _check_norm_args(n, sum(-(-p.numel() // chunk) for p in params), device, norms_sq, param_sq_partials,
+    _check_norm_args(n, sum(-(-p.numel() // chunk) for p in params), device, norms_sq, param_sq,
                      param_sq_cached)
     bufs = list(momentum_buffers) or [None] * n
     masters = list(master_params) or [None] * n
     # Triton launches on the current device: make it the params' one.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _launch(params, grads, bufs, masters, device, step, schedule, lr_tensor, lr, momentum, dampening,
-                weight_decay, nesterov, first_step, lars, trust_coefficient, eps, trust_clip, grad_scale, found_inf,
-                master, dtype, chunk, block, norms_sq, param_sq_partials, param_sq_cached)
+                weight_decay, nesterov, maximize, first_step, lars, trust_coefficient, eps, trust_clip,
+                max_trust_ratio, grad_scale, found_inf, master, dtype, chunk, block, norms_sq, param_sq,
+                param_sq_cached)
 
 
-def sum_squares(params, grads, master_params, param_sq_partials, grad_scale, *, chunk: int = CHUNK,
+def sum_squares(params, grads, master_params, param_sq, grad_scale, *, chunk: int = PARAM_SQ_CHUNK,
                 block: int = BLOCK) -> torch.Tensor:
     """The triton implementation of legw_fused::sum_squares (csrc/legw_fused.cpp): float32 [2, N]."""
     n = len(params)
@@ -371,7 +379,7 @@ def sum_squares(params, grads, master_params, param_sq_partials, grad_scale, *, 
         return torch.zeros(2, 0, dtype=torch.float32)
     dtype, device = _check_lists(params, grads, master_params, "sum_squares")
     master_params = list(master_params or [])
-    _check_norm_args(n, sum(-(-p.numel() // chunk) for p in params), device, None, param_sq_partials, False,
+    _check_norm_args(n, sum(-(-p.numel() // chunk) for p in params), device, None, param_sq, False,
                      op="sum_squares")
     out = torch.zeros(2, n, dtype=torch.float32, device=device)
     masters = master_params or [None] * n
@@ -379,7 +387,7 @@ def sum_squares(params, grads, master_params, param_sq_partials, grad_scale, *, 
         tables = _tables([params, grads, [None] * n, masters], device, chunk)
         if tables.n_chunks == 0:
             return out
-        cached = param_sq_partials is not None
+        cached = param_sq is not None
         partials = torch.empty(2 * tables.n_chunks, dtype=torch.float32, device=device)
         scale = grad_scale if grad_scale is not None else tables.numels
         _sum_squares_kernel[(tables.n_chunks,)](tables.ptrs[0], tables.ptrs[1], tables.ptrs[3], tables.numels,
@@ -388,15 +396,16 @@ def sum_squares(params, grads, master_params, param_sq_partials, grad_scale, *, 
                                                 HAS_SCALE=grad_scale is not None, BLOCK=block, CHUNK=chunk,
                                                 WITH_P=not cached)
         dummy = tables.numels
-        _trust_ratio_kernel[(n,)](partials, param_sq_partials if cached else dummy, tables.first_chunk, out, n,
-                                  dummy, dummy, 0, dummy, 0.0, 0.0, 0.0, 0.0, LR_MODE=LR_FLOAT, CLIP=False,
+        _trust_ratio_kernel[(n,)](partials, param_sq if cached else dummy, tables.first_chunk, out, n,
+                                  dummy, dummy, 0, dummy, 0.0, 0.0, 0.0, 0.0, float("inf"), LR_MODE=LR_FLOAT,
+                                  CLIP=False,
                                   BLOCK_C=128, CACHED=cached, SUMS=True)
     return out
 
 
 def _launch(params, grads, bufs, masters, device, step, schedule, lr_tensor, lr, momentum, dampening, weight_decay,
-            nesterov, first_step, lars, trust_coefficient, eps, trust_clip, grad_scale, found_inf, master, dtype,
-            chunk, block, norms_sq, param_sq_partials, param_sq_cached) -> None:
+            nesterov, maximize, first_step, lars, trust_coefficient, eps, trust_clip, max_trust_ratio, grad_scale,
+            found_inf, master, dtype, chunk, block, norms_sq, param_sq, param_sq_cached) -> None:
     n = len(params)
     tables = _tables([params, grads, bufs, masters], device, chunk)
     if tables.n_chunks == 0:
@@ -418,15 +427,17 @@ def _launch(params, grads, bufs, masters, device, step, schedule, lr_tensor, lr,
                                                 tables.chunk_start, partials, scale, P_TYPE=p_type, MASTER=master,
                                                 HAS_SCALE=grad_scale is not None, BLOCK=block, CHUNK=chunk,
                                                 WITH_P=not cached)
-        _trust_ratio_kernel[(n,)](partials, param_sq_partials if cached else dummy, tables.first_chunk, ratios, n,
+        _trust_ratio_kernel[(n,)](partials, param_sq if cached else dummy, tables.first_chunk, ratios, n,
                                   *lr_args, float(trust_coefficient), float(weight_decay), float(eps),
-                                  LR_MODE=lr_mode, CLIP=bool(trust_clip), BLOCK_C=128, CACHED=cached, SUMS=False)
+                                  float(max_trust_ratio), LR_MODE=lr_mode, CLIP=bool(trust_clip), BLOCK_C=128,
+                                  CACHED=cached, SUMS=False)
     _fused_step_kernel[(tables.n_chunks,)](
         ptrs[0], ptrs[1], ptrs[2], ptrs[3], tables.numels, tables.chunk_tensor, tables.chunk_start, ratios,
         norms_sq if norms_sq is not None else dummy, n,
-        param_sq_partials if param_sq_partials is not None else dummy, *lr_args, float(momentum), float(dampening),
-        float(weight_decay), float(trust_coefficient), float(eps), scale,
+        param_sq if param_sq is not None else dummy, *lr_args, float(momentum), float(dampening),
+        float(weight_decay), float(trust_coefficient), float(eps), float(max_trust_ratio), scale,
         found_inf if found_inf is not None else dummy, LR_MODE=lr_mode, P_TYPE=p_type, B_TYPE=b_type,
-        HAS_MOMENTUM=momentum != 0, FIRST=bool(first_step), NESTEROV=bool(nesterov), MASTER=master,
-        LARS=bool(lars), NORMS=norms_sq is not None, CLIP=bool(trust_clip), P_SQ=param_sq_partials is not None,
+        HAS_MOMENTUM=momentum != 0, FIRST=bool(first_step), NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+        MASTER=master,
+        LARS=bool(lars), NORMS=norms_sq is not None, CLIP=bool(trust_clip), P_SQ=param_sq is not None,
         HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, BLOCK=block, CHUNK=chunk)

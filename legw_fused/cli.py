@@ -18,23 +18,17 @@ def _info(_args) -> int:
           + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
     info = backend_info()
     ext = info.pop("extension")
-    auto = info.pop("auto")
     print(f"extension legw_fused._C: {'loaded' if ext['available'] else ext['reason']}; "
           f"CUDA sources {'compiled' if ext['with_cuda'] else 'not compiled'}; ops: {ext['ops']}")
-    print(f"{'backend':<8}{'devices':<9}{'available':<11}why not / what")
-    for name, row in info.items():
-        devices = row["device_types"] if isinstance(row["device_types"], str) else "/".join(row["device_types"])
-        print(f"{name:<8}{devices:<9}{'yes' if row['available'] else 'no':<11}{row['reason'] or row['description']}")
-    print("auto picks: " + ", ".join(f"{dev} -> {name}" for dev, name in auto.items()))
-    from .lstm_backends import LSTM_AUTO_ORDER, LSTM_BACKENDS, select_lstm_backend
-
-    print(f"\n{'LSTM':<8}{'devices':<9}{'available':<11}why not / what")
-    for name, b in LSTM_BACKENDS.items():
-        reason = b.unavailable_reason()
-        devices = "/".join(b.device_types) if b.device_types else "any"
-        print(f"{name:<8}{devices:<9}{'yes' if reason is None else 'no':<11}{reason or b.description}")
-    print("auto picks: " + ", ".join(f"{dev} -> {select_lstm_backend('auto', torch.device(dev)).name}"
-                                     for dev in LSTM_AUTO_ORDER))
+    lstm = info.pop("lstm")
+    for title, table in (("backend", info), ("LSTM", lstm)):
+        auto = table.pop("auto")
+        print(f"\n{title:<8}{'devices':<9}{'available':<11}why not / what")
+        for name, row in table.items():
+            devices = row["device_types"] if isinstance(row["device_types"], str) else "/".join(row["device_types"])
+            available = "yes" if row["available"] else "no"
+            print(f"{name:<8}{devices:<9}{available:<11}{row['reason'] or row['description']}")
+        print("auto picks: " + ", ".join(f"{dev} -> {name}" for dev, name in auto.items()))
     return 0
 
 
@@ -150,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = t.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the default: a few minutes on a 2-core CPU (a subset, "
                                                            "few epochs, batch 128/1024/4096, legw vs linear-goyal)")
-    mode.add_argument("--full", action="store_true", help="the paper-scale sweep (batch 128/512/2048/8192, all schemes; "
-                                                          "about an hour on a 2-core CPU)")
+    mode.add_argument("--full", action="store_true",
+                      help="the paper-scale sweep (batch 128/512/2048/8192, all schemes; about an hour on a 2-core "
+                           "CPU)")
     t.add_argument("--batch-sizes", type=_positive_int, nargs="+", metavar="B", help="override the preset's")
     t.add_argument("--schemes", nargs="+", choices=list(SCHEMES), metavar="SCHEME",
                    help=f"override the preset's; any of {', '.join(SCHEMES)}")

@@ -67,9 +67,10 @@ def train_one(train, test, batch: int, scheme: str, seed: int, quiet: bool) -> d
 
 def run(batches=(64, 512, 2048), n_train: int = 32768, seed: int = 0, quiet: bool = False) -> list[dict]:
     train, test = make_data(n_train, 8192)
+    backend = backends.select(backends.STEP_BACKENDS, "auto", torch.device("cpu")).name
     print(f"legw_fused demo: synthetic 10-class task, {n_train} train / 8192 test samples, {EPOCHS} epochs, "
           f"baseline batch {BASE_BATCH} (peak LR {BASE_LR}, {BASE_WARMUP_EPOCHS} warmup epochs); "
-          f"optimizer legw_fused.SGD (momentum 0.9, backend {backends.select_backend('auto', torch.device('cpu')).name})")
+          f"optimizer legw_fused.SGD (momentum 0.9, backend {backend})")
     rows = []
     for scheme in SCHEMES:
         for batch in batches:

@@ -12,7 +12,6 @@ over ranks would count them world-size times).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 __all__ = ["any_dtensor", "global_batch_size", "is_dtensor", "local_tensor", "sharded_norm_group"]

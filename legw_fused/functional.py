@@ -1,18 +1,7 @@
 """Functional LSTM: ``lstm_cell`` and ``lstm``, with torch's semantics, on a selectable backend.
 
-Shapes (letters used throughout the LSTM code): T time steps, B batch, I input size, H hidden size, G = 4H gate
-rows in PyTorch's order i, f, g, o. ``weight_ih [G, I]``, ``weight_hh [G, H]``, ``bias_ih``, ``bias_hh [G]``.
-
-One layer in one direction is the unit every backend implements (``_LAYERS``)::
-
-    X = x @ weight_ih^T + bias_ih + bias_hh          all T steps in one GEMM   [T, B, G]
-    for each step t (reversed for the backward direction):
-        a = X[t] + h @ weight_hh^T                    the recurrent GEMM        [B, G]
-        i, f, g, o = sigmoid(a_i), sigmoid(a_f), tanh(a_g), sigmoid(a_o)
-        c = f * c + i * g;  h = o * tanh(c)
-
-Low-precision inputs (bf16/fp16) keep the GEMMs in their dtype (fp32 accumulation) and do the gate and cell-state
-arithmetic in fp32; the cell state is carried between steps in fp32 and returned in the input dtype.
+Shapes: T time steps, B batch, I input size, H hidden size, G = 4H gate rows in PyTorch's order i, f, g, o
+(the maths: legw_fused/ops/lstm_reference.py). One layer in one direction is the unit every backend implements.
 """
 
 from __future__ import annotations
@@ -21,36 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import check_backend_name
-from .lstm_backends import select_lstm_backend
+from .backends import LSTM_BACKENDS, check_backend_name, select
 
-__all__ = ["lstm_cell", "lstm", "lstm_layer_reference"]
-
-
-def lstm_layer_reference(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-                         b_hh: Tensor | None, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer in one direction, in plain torch ops (autograd differentiates it).
-
-    x [T, B, I], h0/c0 [B, H] -> out [T, B, H], h_n [B, H], c_n [B, H]. The readable definition every fused
-    backend is tested against.
-    """
-    bias = None
-    if b_ih is not None:
-        bias = b_ih + b_hh if b_hh is not None else b_ih
-    elif b_hh is not None:
-        bias = b_hh
-    xw = F.linear(x, w_ih, bias)  # [T, B, G]: the input projection of every step at once
-    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 gate/cell math for bf16/fp16; float64 stays float64
-    h, c = h0, c0.to(acc)
-    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
-    out: list[Tensor | None] = [None] * x.shape[0]
-    for t in steps:
-        a = (xw[t] + F.linear(h, w_hh)).to(acc)
-        i, f, g, o = a.chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = (torch.sigmoid(o) * torch.tanh(c)).to(x.dtype)
-        out[t] = h
-    return torch.stack(out), h, c.to(x.dtype)
+__all__ = ["lstm_cell", "lstm"]
 
 
 def _check_same(name: str, t: Tensor | None, ref: Tensor) -> None:
@@ -78,14 +40,14 @@ def _layer(backend: str, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: 
     for name, t in (("h0", h0), ("c0", c0), ("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih),
                     ("bias_hh", b_hh)):
         _check_same(name, t, x)
-    chosen = select_lstm_backend(backend, x.device, x.dtype)
-    return chosen.step(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+    chosen = select(LSTM_BACKENDS, backend, x.device, x.dtype)
+    return chosen.layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
 
 
 def lstm_cell(input: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
               b_hh: Tensor | None = None, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """One LSTM step, as ``torch.nn.LSTMCell``: input [B, I] (or [I]), h/c [B, H] (or [H]) -> (h', c')."""
-    check_backend_name(backend)
+    check_backend_name(backend, LSTM_BACKENDS)
     if input.dim() not in (1, 2):
         raise ValueError(f"lstm_cell: input must be 1-D or 2-D, got {input.dim()}-D")
     if h.dim() != input.dim() or c.dim() != input.dim():
@@ -113,7 +75,7 @@ def lstm(input: Tensor, hx: tuple[Tensor, Tensor], params: list[Tensor], has_bia
     params in ``nn.LSTM._flat_weights`` order: for each layer, for each direction, w_ih, w_hh[, b_ih, b_hh].
     output [T, B, D·H]. Dropout (probability ``dropout`` when ``train``) acts on every layer's output but the last.
     """
-    check_backend_name(backend)
+    check_backend_name(backend, LSTM_BACKENDS)
     if input.dim() != 3:
         raise ValueError(f"lstm: input must be 3-D (batched), got {input.dim()}-D")
     if input.shape[1 if batch_first else 0] == 0:

@@ -8,12 +8,11 @@ Not supported (``NotImplementedError``): ``proj_size > 0`` and PackedSequence in
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional as LF
-from .backends import check_backend_name
+from .backends import LSTM_BACKENDS, check_backend_name
 
 __all__ = ["LSTMCell", "LSTM"]
 
@@ -25,7 +24,7 @@ class LSTMCell(nn.LSTMCell):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
                  backend: str = "auto"):
         super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
-        self.backend = check_backend_name(backend)
+        self.backend = check_backend_name(backend, LSTM_BACKENDS)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         if input.dim() not in (1, 2):
@@ -51,7 +50,7 @@ class LSTM(nn.LSTM):
             raise NotImplementedError("legw_fused.LSTM: proj_size > 0 is not supported; use torch.nn.LSTM")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device=device, dtype=dtype)
-        self.backend = check_backend_name(backend)
+        self.backend = check_backend_name(backend, LSTM_BACKENDS)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
         if isinstance(input, PackedSequence):
@@ -75,8 +74,9 @@ class LSTM(nn.LSTM):
             if not batched:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         self.check_forward_args(input, hx, None)  # torch's own shape checks and messages
-        output, h_n, c_n = LF.lstm(input, hx, [getattr(self, n) for n in self._flat_weights_names], self.bias, self.num_layers, self.dropout,
-                                   self.training, self.bidirectional, self.batch_first, backend=self.backend)
+        weights = [getattr(self, n) for n in self._flat_weights_names]
+        output, h_n, c_n = LF.lstm(input, hx, weights, self.bias, self.num_layers, self.dropout, self.training,
+                                   self.bidirectional, self.batch_first, backend=self.backend)
         if not batched:
             output, h_n, c_n = output.squeeze(batch_dim), h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)

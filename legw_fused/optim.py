@@ -1,8 +1,8 @@
 """Drop-in ``torch.optim`` optimizers: momentum SGD and LARS, driven by a float LR or a LEGW schedule.
 
-``SGD`` performs exactly torch.optim.SGD's update; ``LARS`` adds the layer-wise trust ratio (see reference.py for
-the formulas). With ``lr=LEGW(...)`` the LR of each step is the schedule at the optimizer's own step count, which
-lives on the parameters' device: no host sync and no separate scheduler.
+``SGD`` performs exactly torch.optim.SGD's update; ``LARS`` adds the layer-wise trust ratio (see
+ops/fused_step_reference.py for the formulas). With ``lr=LEGW(...)`` the LR of each step is the schedule at the
+optimizer's own step count, which lives on the parameters' device: no host sync and no separate scheduler.
 
 State per parameter: ``momentum_buffer`` (torch.optim.SGD's meaning, never scaled by the LR; present when
 momentum != 0) and ``step``, the optimizer's step count, one int64 tensor per device shared by the parameters on it.
@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .backends import check_backend_name, select_backend
+from .backends import STEP_BACKENDS, StepBackend, check_backend_name, select
 from .distributed import all_reduce_sum_, any_dtensor, is_dtensor, local_tensor, sharded_norm_group, wrap_like
 from .schedule import LEGW
 
@@ -27,6 +28,29 @@ __all__ = ["SGD", "LARS", "param_groups"]
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Keys torch.optim.SGD stores in its param groups that have no meaning here; dropped when loading its state_dict.
 _TORCH_ONLY_GROUP_KEYS = ("foreach", "differentiable", "fused", "capturable", "maximize")
+
+
+@dataclass(eq=False)
+class _Bucket:
+    """The params of one param group on one (device, dtype), and what one step needs to update them."""
+
+    group: dict
+    backend: StepBackend
+    hp: dict  # the group's hyperparameters as the backend takes them
+    params: list[Tensor]
+    grads: list[Tensor]
+    sharded: bool  # DTensor params (FSDP2): the kernels run on local shards
+    norm_groups: list | None  # LARS on sharded params: per param, the process group its norm is summed over
+    # Set by _prepare:
+    states: list[dict] = field(default_factory=list)
+    local_params: list[Tensor] = field(default_factory=list)
+    local_grads: list[Tensor] = field(default_factory=list)
+    masters: list[Tensor] | None = None
+    kwargs: dict = field(default_factory=dict)
+    cache_key: tuple | None = None
+    param_sq: Tensor | None = None
+    param_sq_cached: bool = False
+    norms_sq: Tensor | None = None
 
 
 class _MomentumOptimizer(Optimizer):
@@ -43,9 +67,9 @@ class _MomentumOptimizer(Optimizer):
         if not isinstance(cache_norms, bool):
             raise TypeError(f"{type(self).__name__}: cache_norms must be a bool, got {cache_norms!r}")
         self.cache_norms = cache_norms
-        # LARS |p|^2 cache per (param group, device, dtype) bucket: {"tensors", "versions", "partials"}. Derived
+        # LARS |p|^2 cache per (param group, device, dtype) bucket: {"tensors", "versions", "ptrs", "param_sq"}. Derived
         # data, never in the state_dict.
-        self._norm_cache: dict[tuple, dict] = {}
+        self._param_sq_cache: dict[tuple, dict] = {}
         # id(param) -> the param's version counter right after the last step that updated it through its fp32
         # master: a different version at the next step means it was changed outside the optimizer.
         self._master_versions: dict[int, int] = {}
@@ -93,7 +117,7 @@ class _MomentumOptimizer(Optimizer):
                     raise TypeError(f"{type(self).__name__} (param group {index}): parameter {i} has dtype "
                                     f"{t.dtype}; only real floating-point parameters are supported")
                 # An explicit backend that cannot run on this tensor raises now rather than at the first step.
-                select_backend(self.backend, t.device, t.dtype, t.is_contiguous())
+                select(STEP_BACKENDS, self.backend, t.device, t.dtype, t.is_contiguous())
         filled = {**self.defaults, **group}
         self._check_group(filled, index)
         # A tensor lr is checked once here (one host read), never in step(), which must not sync.
@@ -121,15 +145,45 @@ class _MomentumOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimizer step. ``closure`` re-evaluates the model and returns the loss, as in torch.optim."""
+        """One optimizer step. ``closure`` re-evaluates the model and returns the loss, as in torch.optim.
+
+        Phases: every check, before any tensor or state changes (_buckets); the GradScaler's verdict where it must
+        be read on the host; per bucket its state, masters and |p|^2 cache (_prepare); LARS norms of sharded
+        params summed over ranks (_all_reduce_norms); one backend call per bucket (_update); the step counts."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        buckets = self._buckets()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and any(self._needs_host_inf_check(b) for b in buckets):
+            if found_inf.item() != 0:  # one host read, only where a backend cannot skip on the device
+                return loss
+            found_inf = None
+        if not self._step_counters:  # every step() counts, also a first one in which no parameter has a gradient
+            first = next((p for g in self.param_groups for p in g["params"]), None)
+            if first is not None:
+                self._counter(first.device)
+        # The |p|^2 cache reads tensor version counters, which torch.compile does not trace: compiled steps take
+        # the uncached path (the cache is then dropped, since they write the params unseen).
+        use_cache = self.cache_norms and not torch.compiler.is_compiling()
+        if not use_cache:
+            self._param_sq_cache.clear()
+        for bucket in buckets:
+            self._prepare(bucket, grad_scale, found_inf, use_cache)
+        self._all_reduce_norms([b for b in buckets if any(g is not None for g in b.norm_groups or ())])
+        for bucket in buckets:
+            self._update(bucket)
+        for device, counter in self._step_counters.items():
+            # A step skipped for inf/NaN gradients does not advance the schedule.
+            counter.add_(1 if found_inf is None else (_on(found_inf, device) == 0).to(torch.int64))
+        return loss
 
-        # Phase 1: every check, before any tensor or state changes. (This loop runs per parameter on every step:
-        # it touches each tensor's attributes once.)
-        work = []
+    def _buckets(self) -> list[_Bucket]:
+        """Every check of a step, before anything changes: the params with grads of each group, bucketed by
+        (device, dtype) with the backend that will run them. Runs per parameter on every step: it touches each
+        tensor's attributes once."""
+        buckets = []
         for index, group in enumerate(self.param_groups):
             self._check_group(group, index)
             params_all = group["params"]
@@ -141,102 +195,77 @@ class _MomentumOptimizer(Optimizer):
                 p = next(p for p, g in zip(params_all, grads_all) if g.is_sparse)
                 raise RuntimeError(f"{type(self).__name__} (param group {index}): sparse gradients are not "
                                    f"supported (parameter of shape {tuple(p.shape)})")
-            lars = self._hyperparameters(group)["lars"]
-            # Buckets by (device, dtype), grouped in C++ (reading p.device in Python costs ~0.3 us per parameter),
-            # in the order of their first parameter: ranks must all-reduce sharded buckets' norms in one order.
-            buckets = torch._C._group_tensors_by_device_and_dtype([params_all], True) if params_all else {}
-            for (device, dtype), ((params,), indices) in sorted(buckets.items(), key=lambda kv: kv[1][1][0]):
-                grads = [grads_all[i] for i in indices]
+            hp = self._hyperparameters(group)
+            # Grouped in C++ (reading p.device in Python costs ~0.3 us per parameter), in the order of their first
+            # parameter: ranks must all-reduce sharded buckets' norms in one order.
+            grouped = torch._C._group_tensors_by_device_and_dtype([params_all], True) if params_all else {}
+            for (device, dtype), ((params,), indices) in sorted(grouped.items(), key=lambda kv: kv[1][1][0]):
                 contiguous = all(p.is_contiguous() for p in params)
                 # DTensor (FSDP2) buckets run on local shards; plain ones skip that per-tensor plumbing.
                 sharded = any_dtensor(params)
                 # LARS: over which process group each param's local sums of squares add up (None: local is whole);
                 # raises for placements it cannot handle, before anything changes.
-                norm_groups = [sharded_norm_group(p) for p in params] if lars and sharded else None
-                work.append((group, select_backend(self.backend, device, dtype, contiguous), params, grads,
-                             norm_groups, sharded))
+                norm_groups = [sharded_norm_group(p) for p in params] if hp["lars"] and sharded else None
+                buckets.append(_Bucket(group, select(STEP_BACKENDS, self.backend, device, dtype, contiguous), hp,
+                                       params, [grads_all[i] for i in indices], sharded, norm_groups))
+        return buckets
 
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if found_inf is not None and any(self._needs_host_inf_check(group, backend, params)
-                                         for group, backend, params, *_ in work):
-            if found_inf.item() != 0:  # one host read, only where a backend cannot skip on the device
-                return loss
-            found_inf = None
+    def _prepare(self, b: _Bucket, grad_scale: Tensor | None, found_inf: Tensor | None, use_cache: bool) -> None:
+        """A bucket's share of the step's state: step counter, local shards, fp32 masters, |p|^2 cache."""
+        device = b.params[0].device
+        counter = self._counter(device)
+        lr = b.group["lr"]
+        b.kwargs = dict(lr=_on(lr, device) if isinstance(lr, Tensor) else lr, step=counter,
+                        grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device), **b.hp)
+        b.states = [self.state[p] for p in b.params]
+        for state in b.states:
+            state["step"] = counter
+        b.local_params = [local_tensor(p) for p in b.params] if b.sharded else b.params
+        b.local_grads = [local_tensor(g) for g in b.grads] if b.sharded else b.grads
+        if b.params[0].dtype in _LOW_PRECISION:
+            self._prepare_masters(b)
+        chunk = b.backend.param_sq_chunk
+        if b.hp["lars"] and use_cache and chunk is not None:
+            b.cache_key = (id(b.group), device, b.params[0].dtype)
+            b.param_sq, b.param_sq_cached = self._cached_param_sq(b.cache_key, b.local_params, b.masters, chunk)
 
-        # Phase 2: update, one backend call per (group, device, dtype) bucket, on the ranks' local shards.
-        if not self._step_counters:  # every step() counts, also a first one in which no parameter has a gradient
-            first = next((p for g in self.param_groups for p in g["params"]), None)
-            if first is not None:
-                self._counter(first.device)
-        # The |p|^2 cache reads tensor version counters, which torch.compile does not trace: compiled steps take
-        # the uncached path (the cache is then dropped, since they write the params unseen).
-        use_cache = self.cache_norms and not torch.compiler.is_compiling()
-        if not use_cache:
-            self._norm_cache.clear()
-        calls = []
-        for group, backend, params, grads, norm_groups, sharded in work:
-            device = params[0].device
-            counter = self._counter(device)
-            lr = _on(group["lr"], device) if isinstance(group["lr"], Tensor) else group["lr"]
-            states = [self.state[p] for p in params]
-            for state in states:
-                state["step"] = counter
-            masters = None
-            local_params = [local_tensor(p) for p in params] if sharded else params
-            if group["master_weights"] and params[0].dtype in _LOW_PRECISION:
-                # fp32 master copy and fp32 momentum, made on first use (also when switched on mid-training), and
-                # made again from a param changed outside the optimizer since its last step (the model's
-                # load_state_dict, an edit under no_grad: the version counter moved), which the master would
-                # otherwise silently undo. Edits through .data bump no counter and stay unseen, as by autograd.
-                seen = self._master_versions
-                for p, lp, state in zip(params, local_params, states):
-                    if "master_param" not in state or seen.get(id(p), lp._version) != lp._version:
-                        state["master_param"] = p.detach().float()
-                    if state.get("momentum_buffer") is not None and state["momentum_buffer"].dtype != torch.float32:
-                        state["momentum_buffer"] = state["momentum_buffer"].float()
-                masters = [local_tensor(s["master_param"]) if sharded else s["master_param"] for s in states]
-            elif params[0].dtype in _LOW_PRECISION:
-                # master_weights switched off: the params (the masters' rounding) go on alone, momentum in their dtype.
-                for p, state in zip(params, states):
-                    if state.pop("master_param", None) is not None:
-                        self._master_versions.pop(id(p), None)
-                    buf = state.get("momentum_buffer")
-                    if buf is not None and buf.dtype != p.dtype:
-                        state["momentum_buffer"] = buf.to(p.dtype)
-            hp = self._hyperparameters(group)
-            call = dict(group=group, backend=backend, params=params, states=states, device=device,
-                        local_params=local_params,
-                        local_grads=[local_tensor(g) for g in grads] if sharded else grads, sharded=sharded,
-                        masters=masters, norms_sq=None, param_sq=None, param_sq_cached=False,
-                        norm_groups=norm_groups, kwargs=dict(lr=lr, step=counter, grad_scale=_on(grad_scale, device),
-                                                             found_inf=_on(found_inf, device), **hp))
-            if hp["lars"] and use_cache and backend.norm_chunk is not None:
-                call["cache_key"] = (id(group), device, params[0].dtype)
-                call["param_sq"], call["param_sq_cached"] = self._cached_param_sq(
-                    call["cache_key"], call["local_params"], masters, backend.norm_chunk)
-            calls.append(call)
-        self._all_reduce_norms([c for c in calls if any(g is not None for g in c["norm_groups"] or ())])
+    def _prepare_masters(self, b: _Bucket) -> None:
+        """bf16/fp16 buckets: with master_weights, the fp32 master copies and fp32 momentum, made on first use (also
+        when switched on mid-training) and made again from a param changed outside the optimizer since its last
+        step (the model's load_state_dict, an edit under no_grad: the version counter moved), which the master
+        would otherwise silently undo (edits through .data bump no counter and stay unseen, as by autograd).
+        Without: the params (the masters' rounding) go on alone, momentum in their dtype."""
+        if b.group["master_weights"]:
+            seen = self._master_versions
+            for p, lp, state in zip(b.params, b.local_params, b.states):
+                if "master_param" not in state or seen.get(id(p), lp._version) != lp._version:
+                    state["master_param"] = p.detach().float()
+                if state.get("momentum_buffer") is not None and state["momentum_buffer"].dtype != torch.float32:
+                    state["momentum_buffer"] = state["momentum_buffer"].float()
+            b.masters = [local_tensor(s["master_param"]) if b.sharded else s["master_param"] for s in b.states]
+            return
+        for p, state in zip(b.params, b.states):
+            if state.pop("master_param", None) is not None:
+                self._master_versions.pop(id(p), None)
+            buf = state.get("momentum_buffer")
+            if buf is not None and buf.dtype != p.dtype:
+                state["momentum_buffer"] = buf.to(p.dtype)
 
-        for call in calls:
-            states, params = call["states"], call["params"]
-            current = [state.get("momentum_buffer") for state in states]
-            bufs = call["backend"].run_step(
-                call["local_params"], call["local_grads"],
-                [local_tensor(b) for b in current] if call["sharded"] else current, masters=call["masters"],
-                norms_sq=call["norms_sq"], param_sq=call["param_sq"], param_sq_cached=call["param_sq_cached"],
-                **call["kwargs"])
-            if call["group"]["momentum"] != 0:
-                for p, state, buf in zip(params, states, bufs):
-                    if buf is not None and state.get("momentum_buffer") is None:
-                        state["momentum_buffer"] = wrap_like(buf, p) if is_dtensor(p) else buf
-            if call["param_sq"] is not None:
-                self._record_versions(call)
-            if call["masters"] is not None:
-                self._master_versions.update((id(p), lp._version) for p, lp in zip(params, call["local_params"]))
-        for device, counter in self._step_counters.items():
-            # A step skipped for inf/NaN gradients does not advance the schedule.
-            counter.add_(1 if found_inf is None else (_on(found_inf, device) == 0).to(torch.int64))
-        return loss
+    def _update(self, b: _Bucket) -> None:
+        """One backend call updates the bucket; new momentum buffers and the cache's versions are recorded."""
+        current = [state.get("momentum_buffer") for state in b.states]
+        bufs = b.backend.step_(b.local_params, b.local_grads, [local_tensor(x) for x in current] if b.sharded else
+                               current, masters=b.masters, norms_sq=b.norms_sq, param_sq=b.param_sq,
+                               param_sq_cached=b.param_sq_cached, **b.kwargs)
+        if b.group["momentum"] != 0:
+            for p, state, buf in zip(b.params, b.states, bufs):
+                if buf is not None and state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = wrap_like(buf, p) if is_dtensor(p) else buf
+        if b.param_sq is not None:
+            entry = self._param_sq_cache[b.cache_key]
+            entry["versions"] = [t._version for t in entry["tensors"]]  # written by this update: the cache holds
+        if b.masters is not None:
+            self._master_versions.update((id(p), lp._version) for p, lp in zip(b.params, b.local_params))
 
     # ------------------------------------------------------------------ LARS norms
     def _cached_param_sq(self, key, local_params: list[Tensor], masters, chunk: int) -> tuple[Tensor, bool]:
@@ -245,7 +274,7 @@ class _MomentumOptimizer(Optimizer):
         on them), none given new storage (``p.data = t`` keeps the counter), and not cleared by load_state_dict.
         In-place edits through ``.data`` move no counter: unseen here as by autograd (edit under torch.no_grad()).
         """
-        entry = self._norm_cache.get(key)
+        entry = self._param_sq_cache.get(key)
         targets = masters or local_params
         valid = entry is not None and entry["versions"] is not None and len(entry["tensors"]) == len(targets) and \
             all(map(operator.is_, entry["tensors"], targets)) and [t._version for t in targets] == entry["versions"] \
@@ -253,58 +282,50 @@ class _MomentumOptimizer(Optimizer):
         if not valid:
             n_chunks = sum(-(-t.numel() // chunk) for t in targets)
             entry = {"tensors": list(targets), "versions": None, "ptrs": [t.data_ptr() for t in targets],
-                     "partials": torch.zeros(n_chunks, dtype=torch.float32, device=targets[0].device)}
-            self._norm_cache[key] = entry
-        return entry["partials"], valid
+                     "param_sq": torch.zeros(n_chunks, dtype=torch.float32, device=targets[0].device)}
+            self._param_sq_cache[key] = entry
+        return entry["param_sq"], valid
 
-    def _record_versions(self, call) -> None:
-        """After the update wrote the params and their chunk sums: the versions that make the cache valid."""
-        entry = self._norm_cache[call["cache_key"]]
-        entry["versions"] = [t._version for t in entry["tensors"]]
-
-    def _all_reduce_norms(self, calls: list[dict]) -> None:
+    def _all_reduce_norms(self, buckets: list[_Bucket]) -> None:
         """Whole-tensor LARS norms for buckets holding sharded params: the local sums of squares of every such
         bucket in one buffer, one all-reduce per process group (one per step under FSDP2), then each bucket's
         [2, N] norms; replicated and plain params keep their local sums (counted once, not once per rank)."""
-        if not calls:
+        if not buckets:
             return
-        for call in calls:
-            backend = call["backend"]
-            sq = backend.sum_squares(call["local_params"], call["local_grads"], call["masters"] or [],
-                                     call["param_sq"] if call["param_sq_cached"] else None,
-                                     call["kwargs"]["grad_scale"])
-            call["norms_sq"] = sq
-            call["param_sq_cached"] = False  # read by sum_squares; the update only writes the new chunk sums
-        by_group: dict = {}  # process group -> [(call, indices of its tensors sharded over that group)]
-        for call in calls:
-            per_call: dict = {}
-            for i, pg in enumerate(call["norm_groups"]):
+        for b in buckets:
+            b.norms_sq = b.backend.sum_squares(b.local_params, b.local_grads, b.masters or [],
+                                               b.param_sq if b.param_sq_cached else None, b.kwargs["grad_scale"])
+            b.param_sq_cached = False  # read by sum_squares; the update only writes the new chunk sums
+        by_group: dict = {}  # process group -> [(bucket, indices of its tensors sharded over that group)]
+        for b in buckets:
+            per_bucket: dict = {}
+            for i, pg in enumerate(b.norm_groups):
                 if pg is not None:
-                    per_call.setdefault(pg, []).append(i)
-            for pg, idx in per_call.items():
-                by_group.setdefault(pg, []).append((call, None if len(idx) == len(call["norm_groups"]) else idx))
+                    per_bucket.setdefault(pg, []).append(i)
+            for pg, idx in per_bucket.items():
+                by_group.setdefault(pg, []).append((b, None if len(idx) == len(b.norm_groups) else idx))
         for pg, entries in by_group.items():
             # Float64 on the wire: the buckets may mix dtypes (the reference gives fp64 for fp64 params).
-            pieces = [(call["norms_sq"] if idx is None else call["norms_sq"][:, idx]).double() for call, idx in entries]
+            pieces = [(b.norms_sq if idx is None else b.norms_sq[:, idx]).double() for b, idx in entries]
             flat = torch.cat([x.flatten() for x in pieces])
             all_reduce_sum_(flat, pg)
             offset = 0
-            for (call, idx), piece in zip(entries, pieces):
-                summed = flat[offset:offset + piece.numel()].view(piece.shape).to(call["norms_sq"].dtype)
+            for (b, idx), piece in zip(entries, pieces):
+                summed = flat[offset:offset + piece.numel()].view(piece.shape).to(b.norms_sq.dtype)
                 offset += piece.numel()
                 if idx is None:
-                    call["norms_sq"] = summed
+                    b.norms_sq = summed
                 else:
-                    call["norms_sq"][:, idx] = summed
+                    b.norms_sq[:, idx] = summed
 
-    def _needs_host_inf_check(self, group: dict, backend, params: list[Tensor]) -> bool:
+    def _needs_host_inf_check(self, b: _Bucket) -> bool:
         """Whether a skipped step must be known on the host: the reference backend cannot skip on the device, and a
         momentum buffer started under dampening != 0 would be wrong if its first update were skipped (a zero
         buffer continued with m*0 + (1-dampening)*d is not torch's buf = d)."""
-        if backend.name == "torch":
+        if b.backend.name == "torch":
             return True
-        return group["momentum"] != 0 and group["dampening"] != 0 and \
-            any("momentum_buffer" not in self.state.get(p, ()) for p in params)
+        return b.group["momentum"] != 0 and b.group["dampening"] != 0 and \
+            any("momentum_buffer" not in self.state.get(p, ()) for p in b.params)
 
     def current_lrs(self) -> list:
         """The LR the next step will use, per param group: a float, or a device tensor for LEGW (no host sync)."""
@@ -336,7 +357,7 @@ class _MomentumOptimizer(Optimizer):
                                        if key in ("master_param", "momentum_buffer") and isinstance(v, Tensor)}
                       for k, st in checked["state"].items() if "master_param" in st and k in id_to_param}
         super().load_state_dict(checked)
-        self._norm_cache.clear()  # masters may have been replaced; params are usually loaded alongside
+        self._param_sq_cache.clear()  # masters may have been replaced; params are usually loaded alongside
         self._master_versions.clear()  # loaded masters are the truth, whatever happened to the params
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -382,14 +403,14 @@ class _MomentumOptimizer(Optimizer):
             id_to_param.update(zip(saved["params"], current["params"]))
         steps = []
         for key, state in state_dict["state"].items():
-            param, buf = id_to_param.get(key), state.get("momentum_buffer")
-            for field in ("momentum_buffer", "master_param"):
-                value = state.get(field)
+            param = id_to_param.get(key)
+            for key_name in ("momentum_buffer", "master_param"):
+                value = state.get(key_name)
                 if value is not None and not isinstance(value, Tensor):
-                    raise ValueError(f"{name}.load_state_dict: {field} of parameter {key} must be a tensor, got "
+                    raise ValueError(f"{name}.load_state_dict: {key_name} of parameter {key} must be a tensor, got "
                                      f"{type(value).__name__}")
                 if param is not None and value is not None and tuple(value.shape) != tuple(param.shape):
-                    raise ValueError(f"{name}.load_state_dict: {field} of parameter {key} has shape "
+                    raise ValueError(f"{name}.load_state_dict: {key_name} of parameter {key} has shape "
                                      f"{tuple(value.shape)} but the parameter has shape {tuple(param.shape)}")
             if state.get("step") is not None:
                 steps.append(_checked_step(name, key, state["step"]))
@@ -405,7 +426,7 @@ class _MomentumOptimizer(Optimizer):
         if "_step_counters" not in self.__dict__:  # unpickled, not load_state_dict's internal call
             self.backend = state.get("backend", "auto")
             self.cache_norms = state.get("cache_norms", True)
-            self._norm_cache = {}
+            self._param_sq_cache = {}
             self._master_versions = {}
             t = max((int(s["step"]) for s in self.state.values() if s.get("step") is not None), default=0)
             self._link_step_counters(t)

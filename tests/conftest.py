@@ -7,6 +7,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
 from _helpers import require_backend  # noqa: E402
 
 # The backends that run on CPU tensors here; each test taking `backend` runs once per backend.

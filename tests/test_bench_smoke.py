@@ -11,14 +11,15 @@ from legw_fused.bench import lstm as bench_lstm
 def test_lstm_bench_writes_rows_for_every_provider(tmp_path):
     assert bench_lstm.main(["--device", "cpu", "--settings", "mnist", "--batches", "2", "--warmup", "0",
                             "--reps", "1", "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "lstm_cpu.json").read_text())
+    (data,) = json.loads((tmp_path / "lstm_cpu.json").read_text())["runs"]
     providers = {r["provider"] for r in data["rows"]}
     assert {"nn.LSTM", "nn.LSTMCell loop", "unfused PyTorch cell"} <= providers
     assert any(p.startswith("legw_fused.LSTM [") for p in providers)
     assert {r["pass"] for r in data["rows"]} == {"fwd", "fwd+bwd"}
     for r in data["rows"]:
-        assert r["ms"] > 0 and r["TFLOPs"] > 0 and r["B"] == 2 and r["T"] == 28
+        assert 0 < r["p20"] <= r["ms"] <= r["p80"] and r["TFLOPs"] > 0 and r["B"] == 2 and r["T"] == 28
     assert data["meta"]["torch"] == torch.__version__
+    assert data["meta"]["cpu"] and "aten_cpu_capability" in data["meta"]  # the CPU is named in every result
     assert (tmp_path / "lstm_cpu.md").read_text().count("\n| mnist |") == len(data["rows"])
 
 
@@ -27,7 +28,7 @@ def test_optimizer_bench_writes_rows_for_every_provider(tmp_path):
 
     assert bench_optimizer.main(["--device", "cpu", "--sets", "host-161", "--warmup", "0", "--reps", "2",
                                  "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "optimizer_cpu.json").read_text())
+    (data,) = json.loads((tmp_path / "optimizer_cpu.json").read_text())["runs"]
     providers = [r["provider"] for r in data["rows"]]
     assert {"torch SGD foreach + LambdaLR", "legw_fused.SGD [torch]", "legw_fused.LARS [torch]"} <= set(providers)
     assert providers[:2] == ["one copy_ pass (flat)", "one add_ pass (flat)"]
@@ -41,3 +42,16 @@ def test_optimizer_bench_writes_rows_for_every_provider(tmp_path):
         assert abs(r["speedup"] - first[r["kind"]]["ms"] / r["ms"]) < 1e-9
     md = (tmp_path / "optimizer_cpu.md").read_text()
     assert md.count("\n| host-161 |") == len(data["rows"]) and "host-side cost" in md
+
+
+def test_results_keep_their_history(tmp_path):
+    """A second run is appended to the first (and a file from before the history becomes its first run)."""
+    from legw_fused.bench.harness import write_results
+
+    (tmp_path / "x.json").write_text(json.dumps({"meta": {"commit": "old"}, "rows": [{"ms": 1.0}]}))
+    write_results(tmp_path, "x", {"commit": "a"}, [{"ms": 2.0}], "table a\n")
+    write_results(tmp_path, "x", {"commit": "b"}, [{"ms": 3.0}], "table b\n")
+    runs = json.loads((tmp_path / "x.json").read_text())["runs"]
+    assert [r["meta"]["commit"] for r in runs] == ["old", "a", "b"]
+    assert [r["rows"][0]["ms"] for r in runs] == [1.0, 2.0, 3.0]
+    assert (tmp_path / "x.md").read_text() == "table b\n"

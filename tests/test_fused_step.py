@@ -1,28 +1,17 @@
 """Fused step backends (legw_fused::fused_step_) against the reference backend, the oracle of every backend."""
 
+import functools
+
 import pytest
 import torch
-from _helpers import EXACT, require_backend
 
 import legw_fused
-from legw_fused import LARS, LEGW, SGD, _ops
+from _helpers import assert_close, assert_close_to_reference, require_backend
+from legw_fused import LARS, LEGW, SGD, ops
 
 FUSED = ["cpp", "triton"]
 # Awkward sizes: empty, one element, odd, one past 2^16 (a chunk), and a large odd one.
 SIZES = [(0,), (1,), (7,), (65537,), (278011,), (3, 5, 7)]
-# Error model against the reference: both compute in fp32 and round once per stored value, but fp32 results can
-# differ by an ulp (fma, the order of the norm reductions), which can flip a low-precision rounding, and a value
-# keeps the difference it picked up at the largest magnitude it had (LEGW peak LR 1.41 here swings values from
-# |x| ~ 4 to 0.4 in one step; momentum 0.9 grows buffers ~10x). So: a few ulps of the tensor's largest magnitude.
-# Seen: fp32 LARS buffers 2.9e-6 off at max |buf| ~ 10 (~2.4 ulps); bf16 params 0.023 off at max |p| ~ 4.5 (0.7 ulp).
-ULPS = {torch.float32: 8, torch.bfloat16: 2, torch.float16: 2}
-
-
-def assert_close_to_reference(actual, expected, dtype, msg=None):
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=0, atol=ULPS[dtype] * torch.finfo(dtype).eps * scale, msg=msg)
-
-
 CONFIGS = [
     ("sgd", dict(momentum=0.0)),
     ("sgd", dict(momentum=0.9, weight_decay=1e-2)),
@@ -139,9 +128,15 @@ def _op_args(n=3, dtype=torch.float32):
     grads = [torch.randn(p.shape, generator=g).to(dtype) for p in params]
     bufs = [torch.randn(p.shape, generator=g).to(dtype) for p in params]
     sched = LEGW(0.5, 32, 256, 0.125, 4, 3)
+    # The schema's order (csrc/legw_fused.cpp): ..., nesterov, maximize, first_step, lars, trust_coefficient, eps,
+    # trust_clip, max_trust_ratio, grad_scale, found_inf, norms_sq, param_sq, param_sq_cached.
     return (params, grads, bufs, [], torch.tensor(5), sched.packed("cpu"), None, 0.0, 0.9, 0.0, 1e-4, False, False,
-            True, 0.02, 1e-8, True, None, None, None, None, False)
+            False, True, 0.02, 1e-8, True, float("inf"), None, None, None, None, False)
 
+
+# Position of each argument of fused_step_, by name, from its schema.
+ARG = {a.name: i for i, a in enumerate(torch.ops.legw_fused.fused_step_.default._schema.arguments)} \
+    if ops.EXTENSION_ERROR is None else {}
 
 # The ops behind each fused backend: (fused step, sum of squares).
 OPS = {"cpp": ("fused_step_", "sum_squares"), "triton": ("fused_step_triton_", "sum_squares_triton")}
@@ -155,19 +150,19 @@ def test_opcheck(backend):
         torch.library.opcheck(step_op, _op_args(dtype=dtype))
         # With given norms, and with the |p|^2 cache written (then read).
         args = list(_op_args(dtype=dtype))
-        args[19] = torch.rand(2, 3)
+        args[ARG["norms_sq"]] = torch.rand(2, 3)
         torch.library.opcheck(step_op, tuple(args))
         args = list(_op_args(dtype=dtype))
-        args[20] = torch.zeros(3)
+        args[ARG["param_sq"]] = torch.zeros(3)
         torch.library.opcheck(step_op, tuple(args))
-        args[21] = True
+        args[ARG["param_sq_cached"]] = True
         torch.library.opcheck(step_op, tuple(args))
         params, grads = _op_args(dtype=dtype)[:2]
         for cached in (None, torch.rand(3)):
             torch.library.opcheck(sum_op, (params, grads, [], cached, torch.tensor(4.0)))
 
 
-@pytest.mark.skipif(_ops.EXTENSION_ERROR is not None, reason=str(_ops.EXTENSION_ERROR))
+@pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
 def test_triton_ops_have_the_schemas_of_the_cpp_ops():
     for cpp_name, triton_name in zip(*OPS.values()):
         cpp = str(getattr(torch.ops.legw_fused, cpp_name).default._schema)
@@ -175,7 +170,7 @@ def test_triton_ops_have_the_schemas_of_the_cpp_ops():
         assert triton == cpp.replace(cpp_name, triton_name, 1)
 
 
-@pytest.mark.skipif(_ops.EXTENSION_ERROR is not None, reason=str(_ops.EXTENSION_ERROR))
+@pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
 def test_op_rejects_inconsistent_arguments():
     op = torch.ops.legw_fused.fused_step_
     args = list(_op_args())
@@ -206,11 +201,11 @@ def test_auto_uses_a_fused_backend_on_cpu_and_the_reference_for_what_it_cannot()
     if not info["cpp"]["available"]:
         pytest.skip(f"cpp backend unavailable: {info['cpp']['reason']}")
     assert info["auto"]["cpu"] == "cpp"
-    select = legw_fused.backends.select_backend
+    select = functools.partial(legw_fused.backends.select, legw_fused.backends.STEP_BACKENDS)
     assert select("auto", torch.device("cpu"), torch.float32).name == "cpp"
     assert select("auto", torch.device("cpu"), torch.float64).name == "torch"
     assert select("auto", torch.device("cpu"), torch.float32, contiguous=False).name == "torch"
-    with pytest.raises(RuntimeError, match="supports float32, bfloat16, float16 params, not torch.float64"):
+    with pytest.raises(RuntimeError, match="supports float32, bfloat16, float16 tensors, not torch.float64"):
         SGD([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))], lr=0.1, backend="cpp")
 
 
@@ -235,7 +230,7 @@ def test_master_weights_follow_an_fp32_run(backend, dtype, kind):
         opt.step()
         ref.step()
     # The reference is bitwise the fp32 run; fused kernels within the fp32 error model (seen: 2 ulps at |x| = 29).
-    close = (lambda x, y: torch.testing.assert_close(x, y, **EXACT)) if backend == "torch" else \
+    close = (lambda x, y: assert_close(x, y, "exact")) if backend == "torch" else \
         (lambda x, y: assert_close_to_reference(x, y, torch.float32))
     for p, q in zip(low, full):
         state = opt.state[p]
@@ -367,7 +362,7 @@ def _compiled_vs_eager(kind, backend, compiler, sizes=((8, 4), (4,), (65537,))):
         compiled_step()
         eager.step()
     for p, q in zip(compiled_params, eager_params):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        assert_close(p, q, "fused")
     assert int(compiled.state[compiled_params[0]]["step"]) == sched.total_steps
     return counter.frame_count
 
@@ -386,7 +381,7 @@ def test_inductor_compiled_lars_step_matches_eager(backend):
     assert _compiled_vs_eager("lars", backend, "inductor", sizes=((8, 4), (4,))) == 2
 
 
-@pytest.mark.skipif(_ops.EXTENSION_ERROR is not None, reason=str(_ops.EXTENSION_ERROR))
+@pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
 def test_op_rejects_bad_scalar_tensors():
     op = torch.ops.legw_fused.fused_step_
     args = list(_op_args())
@@ -394,9 +389,9 @@ def test_op_rejects_bad_scalar_tensors():
     bad[5] = args[5][:4]
     with pytest.raises(RuntimeError, match="schedule must be the contiguous 1-D float64"):
         op(*bad)
-    for index, name in ((6, "lr_tensor"), (17, "grad_scale"), (18, "found_inf")):
+    for name in ("lr_tensor", "grad_scale", "found_inf"):
         bad = list(args)
-        bad[index] = torch.ones(2)
+        bad[ARG[name]] = torch.ones(2)
         with pytest.raises(RuntimeError, match=f"{name} must be a one-element tensor"):
             op(*bad)
 

@@ -3,8 +3,9 @@ capture and replay, a tensor of more than 2^31 elements. Skipped without a CUDA 
 
 import pytest
 import torch
-from test_fused_step import CONFIGS, LRS, assert_close_to_reference, make, run_pair
+from test_fused_step import CONFIGS, LRS, make, run_pair
 
+from _helpers import assert_close, assert_close_to_reference
 from legw_fused import LEGW, SGD, backends
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -13,7 +14,7 @@ SIZES = [(0,), (1,), (7,), (65537,), (278011,), (3, 5, 7), (1 << 20,)]
 
 
 def require_gpu_backend(name):
-    reason = backends.BACKENDS[name].unavailable_reason("cuda")
+    reason = backends.STEP_BACKENDS[name].unavailable_reason("cuda")
     if reason is not None:
         pytest.skip(f"backend {name!r} unavailable: {reason}")
 
@@ -117,7 +118,7 @@ def test_norm_cache_on_gpu(backend):
     from legw_fused import LARS
 
     require_gpu_backend(backend)
-    chunk = backends.BACKENDS[backend].norm_chunk
+    chunk = backends.STEP_BACKENDS[backend].param_sq_chunk
     g = torch.Generator(device="cuda").manual_seed(3)
     first = [torch.randn(s, generator=g, device="cuda") for s in SIZES]
     sets = [[torch.nn.Parameter(t.clone()) for t in first] for _ in range(3)]
@@ -138,22 +139,21 @@ def test_norm_cache_on_gpu(backend):
         for a, b, c in zip(*sets):
             assert_close_to_reference(a.detach(), c.detach(), torch.float32)
             assert_close_to_reference(b.detach(), c.detach(), torch.float32)
-        (entry,) = cached._norm_cache.values()
-        torch.testing.assert_close(entry["partials"].double().cpu(), chunk_sums(sets[0], chunk).cpu(), rtol=2e-6,
-                                   atol=1e-6)
+        (entry,) = cached._param_sq_cache.values()
+        assert_close(entry["param_sq"].double().cpu(), chunk_sums(sets[0], chunk).cpu(), "chunk_sums")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_sum_squares_on_gpu(backend):
     require_gpu_backend(backend)
-    b = backends.BACKENDS[backend]
+    b = backends.STEP_BACKENDS[backend]
     g = torch.Generator(device="cuda").manual_seed(4)
     params = [torch.randn(s, generator=g, device="cuda") for s in SIZES]
     grads = [torch.randn(s, generator=g, device="cuda") for s in SIZES]
     got = b.sum_squares(params, grads, [], None, torch.tensor(4.0, device="cuda"))
     want = torch.stack([torch.stack([p.double().square().sum() for p in params]),
                         torch.stack([(x.double() / 4).square().sum() for x in grads])])
-    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-7)
+    assert_close(got.double(), want, "sum_squares")
 
 
 def test_cuda_lars_step_launches_at_most_three_kernels():

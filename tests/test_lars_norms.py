@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-from _helpers import require_backend
-from test_fused_step import assert_close_to_reference
 
 import legw_fused
+from _helpers import TOL, assert_close, assert_close_to_reference, require_backend
 from legw_fused import LARS, LEGW, backends
 
 CACHING = ["cpp", "triton"]
@@ -18,7 +17,7 @@ SCHED = LEGW(0.5, 32, 256, 0.125, 4, 3)
 
 def sizes_for(backend):
     # Several cache chunks per tensor where the backend's chunk allows it here (Triton interprets: small sizes).
-    chunk = backends.BACKENDS[backend].norm_chunk or 65536
+    chunk = backends.STEP_BACKENDS[backend].param_sq_chunk or 65536
     return [(0,), (1,), (7,), (chunk + 3,), (2 * chunk + 5,), (3, 5)] if backend != "triton" else \
         [(0,), (1,), (7,), (chunk + 3,), (3, 5)]
 
@@ -46,7 +45,7 @@ def chunk_sums(params, chunk, masters=None):
 
 
 def cache_of(opt):
-    (entry,) = opt._norm_cache.values()
+    (entry,) = opt._param_sq_cache.values()
     return entry
 
 
@@ -58,7 +57,7 @@ def test_cached_equals_uncached_and_reference_over_steps(backend):
     uncached = LARS(uncached_p, lr=SCHED, backend=backend, cache_norms=False, **CFG)
     ref = LARS(ref_p, lr=SCHED, backend="torch", cache_norms=False, **CFG)
     gen = torch.Generator().manual_seed(1)
-    chunk = backends.BACKENDS[backend].norm_chunk
+    chunk = backends.STEP_BACKENDS[backend].param_sq_chunk
     for t in range(12):
         set_grads([cached_p, uncached_p, ref_p], gen)
         for opt in (cached, uncached, ref):
@@ -67,13 +66,13 @@ def test_cached_equals_uncached_and_reference_over_steps(backend):
             assert_close_to_reference(a.detach(), c.detach(), torch.float32, msg=lambda m: f"step {t} cached: {m}")
             assert_close_to_reference(b.detach(), c.detach(), torch.float32, msg=lambda m: f"step {t}: {m}")
         if chunk is None:
-            assert not cached._norm_cache  # the reference keeps no cache
+            assert not cached._param_sq_cache  # the reference keeps no cache
             continue
         entry = cache_of(cached)
         # After every step the cache holds the chunk sums of the params just written, and is valid for them.
-        torch.testing.assert_close(entry["partials"].double(), chunk_sums(cached_p, chunk), rtol=2e-6, atol=1e-6)
+        assert_close(entry["param_sq"].double(), chunk_sums(cached_p, chunk), "chunk_sums")
         assert entry["versions"] == [p._version for p in cached_p]
-    assert not uncached._norm_cache
+    assert not uncached._param_sq_cache
 
 
 @pytest.mark.parametrize("backend", CACHING)
@@ -89,7 +88,7 @@ def test_cached_step_reads_only_the_grads_for_norms(backend, monkeypatch):
     with torch.no_grad():
         for p, q in zip(a, b):
             q.copy_(p)
-    cache_of(opt_a)["partials"].mul_(4.0)  # |p| seen by the next step: 2x
+    cache_of(opt_a)["param_sq"].mul_(4.0)  # |p| seen by the next step: 2x
     set_grads([a, b], gen)
     grads = [p.grad.clone() for p in a]
     before = [p.detach().clone() for p in a]
@@ -99,7 +98,7 @@ def test_cached_step_reads_only_the_grads_for_norms(backend, monkeypatch):
             continue
         # plain LARS, no momentum or wd: p1 = p0 - lr * tc * |2 p0| / |g| * g
         r = 0.02 * 2 * p0.double().norm() / g.double().norm()
-        torch.testing.assert_close(p.detach().double(), p0.double() - 0.1 * r * g.double(), rtol=1e-5, atol=1e-6)
+        assert_close(p.detach().double(), p0.double() - 0.1 * r * g.double(), "lars_formula")
 
 
 @pytest.mark.parametrize("edit", ["mul_", "copy_", "add_one_tensor", "set_data"])
@@ -149,11 +148,11 @@ def test_stale_cache_would_be_wrong(backend):
         for p, q in zip(a, b):
             p.mul_(2.0)
             q.mul_(2.0)
-    opt_b._norm_cache[next(iter(opt_b._norm_cache))]["versions"] = [p._version for p in b]  # pretend: not seen
+    opt_b._param_sq_cache[next(iter(opt_b._param_sq_cache))]["versions"] = [p._version for p in b]  # pretend: not seen
     set_grads([a, b], gen)
     opt_a.step()
     opt_b.step()
-    assert any(not torch.allclose(p, q, rtol=1e-4, atol=1e-5) for p, q in zip(a, b) if p.numel() > 1)
+    assert any(not torch.allclose(p, q, **TOL["clearly_different"]) for p, q in zip(a, b) if p.numel() > 1)
 
 
 @pytest.mark.parametrize("backend", CACHING)
@@ -167,7 +166,7 @@ def test_cached_run_is_bitwise_repeatable(backend):
         for _ in range(6):
             set_grads([params], gen)
             opt.step()
-        results.append([p.detach().clone() for p in params] + [cache_of(opt)["partials"].clone()])
+        results.append([p.detach().clone() for p in params] + [cache_of(opt)["param_sq"].clone()])
     for x, y in zip(*results):
         assert torch.equal(x, y)
 
@@ -194,9 +193,8 @@ def test_grad_scaler_skip_keeps_the_cache_right(backend, skip_first):
                 assert torch.equal(p.detach(), p0)
             entry = cache_of(ours)
             assert entry["versions"] == [p._version for p in ours_p]
-            torch.testing.assert_close(entry["partials"].double(),
-                                       chunk_sums(ours_p, backends.BACKENDS[backend].norm_chunk), rtol=2e-6,
-                                       atol=1e-6)
+            chunk = backends.STEP_BACKENDS[backend].param_sq_chunk
+            assert_close(entry["param_sq"].double(), chunk_sums(ours_p, chunk), "chunk_sums")
             continue
         ours.step()
         ref.step()
@@ -219,8 +217,8 @@ def test_master_weights_cache_the_norm_of_the_master(backend):
         ours.step()
         ref.step()
     masters = [ours.state[p]["master_param"] for p in low]
-    torch.testing.assert_close(cache_of(ours)["partials"].double(),
-                               chunk_sums(low, backends.BACKENDS[backend].norm_chunk, masters), rtol=2e-6, atol=1e-6)
+    chunk = backends.STEP_BACKENDS[backend].param_sq_chunk
+    assert_close(cache_of(ours)["param_sq"].double(), chunk_sums(low, chunk, masters), "chunk_sums")
     for m, q in zip(masters, full):
         assert_close_to_reference(m, q.detach(), torch.float32)
     with torch.no_grad():  # an edit of the master (not of the bf16 param) also invalidates
@@ -242,16 +240,16 @@ def test_load_state_dict_drops_the_cache(backend):
     opt = LARS(params, lr=0.1, backend=backend, **CFG)
     set_grads([params], torch.Generator().manual_seed(8))
     opt.step()
-    assert opt._norm_cache
+    assert opt._param_sq_cache
     opt.load_state_dict(opt.state_dict())
-    assert not opt._norm_cache
+    assert not opt._param_sq_cache
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sum_squares_matches_the_formula(backend, dtype):
     require_backend(backend)
-    b = backends.BACKENDS[backend]
+    b = backends.STEP_BACKENDS[backend]
     (params,) = make_set(sizes_for(backend), dtype=dtype, copies=1)
     gen = torch.Generator().manual_seed(9)
     set_grads([params], gen)
@@ -260,16 +258,16 @@ def test_sum_squares_matches_the_formula(backend, dtype):
     got = b.sum_squares(params, grads, [], None, scale)
     expected = torch.stack([torch.stack([p.detach().double().square().sum() for p in params]),
                             torch.stack([(g.double() / 8.0).square().sum() for g in grads])])
-    torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=1e-7)
+    assert_close(got.double(), expected, "sum_squares")
     masters = [p.detach().float() * 3 for p in params]
     got = b.sum_squares(params, grads, masters if dtype != torch.float32 else [], None, None)
     want_p = [m.double().square().sum() for m in masters] if dtype != torch.float32 else \
         [p.detach().double().square().sum() for p in params]
-    torch.testing.assert_close(got[0].double(), torch.stack(want_p), rtol=2e-6, atol=1e-7)
-    if b.norm_chunk is not None:  # p sums from the cache: the chunk sums are added per tensor, params unread
-        partials = chunk_sums(params, b.norm_chunk).float() * 4
+    assert_close(got[0].double(), torch.stack(want_p), "sum_squares")
+    if b.param_sq_chunk is not None:  # p sums from the cache: the chunk sums are added per tensor, params unread
+        partials = chunk_sums(params, b.param_sq_chunk).float() * 4
         got = b.sum_squares(params, grads, [], partials, None)
-        torch.testing.assert_close(got[0].double(), expected[0] * 4, rtol=2e-6, atol=1e-7)
+        assert_close(got[0].double(), expected[0] * 4, "sum_squares")
 
 
 @pytest.mark.parametrize("backend", CACHING)
@@ -281,15 +279,16 @@ def test_given_norms_replace_the_norm_pass(backend, dtype):
     sizes = sizes_for(backend)
     fused, ref = make_set(sizes, dtype=dtype, copies=2)
     set_grads([fused, ref], torch.Generator().manual_seed(4))
-    own = backends.BACKENDS["torch"].sum_squares(ref, [p.grad for p in ref], [], None, None)
+    own = backends.STEP_BACKENDS["torch"].sum_squares(ref, [p.grad for p in ref], [], None, None)
     norms = (own * torch.tensor([[4.0], [0.25]])).float().contiguous()
     hp = dict(lr=SCHED, step=torch.tensor(5), momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=False,
               lars=True, trust_coefficient=0.02, eps=1e-8, trust_clip=False, norms_sq=norms)
     with torch.no_grad():
-        bufs = backends.BACKENDS[backend].step(fused, [p.grad for p in fused], [None] * len(fused), **hp)
-        ref_bufs = backends.BACKENDS["torch"].step(ref, [p.grad for p in ref], [None] * len(ref), **hp)
-        own_bufs = backends.BACKENDS["torch"].step([p.detach().clone() for p in make_set(sizes, dtype, copies=1)[0]],
-                                                   [p.grad for p in ref], [None] * len(ref), **{**hp, "norms_sq": None})
+        bufs = backends.STEP_BACKENDS[backend].step_(fused, [p.grad for p in fused], [None] * len(fused), **hp)
+        ref_bufs = backends.STEP_BACKENDS["torch"].step_(ref, [p.grad for p in ref], [None] * len(ref), **hp)
+        fresh = [p.detach().clone() for p in make_set(sizes, dtype, copies=1)[0]]
+        own_bufs = backends.STEP_BACKENDS["torch"].step_(fresh, [p.grad for p in ref], [None] * len(ref),
+                                                         **{**hp, "norms_sq": None})
     for p, q, b, rb in zip(fused, ref, bufs, ref_bufs):
         assert_close_to_reference(p.detach(), q.detach(), dtype)
         assert_close_to_reference(b, rb, dtype)
@@ -301,7 +300,7 @@ def test_triton_chunk_is_the_one_backends_states():
     require_backend("triton")
     from legw_fused.kernels import fused_step as triton_step
 
-    assert backends.BACKENDS["triton"].norm_chunk == triton_step.CHUNK
+    assert backends.STEP_BACKENDS["triton"].param_sq_chunk == triton_step.PARAM_SQ_CHUNK
 
 
 @pytest.mark.parametrize("backend", CACHING)
@@ -312,14 +311,15 @@ def test_bad_norm_arguments_raise_naming_them(backend):
     error = RuntimeError if backend == "cpp" else ValueError
     params = [torch.randn(7), torch.randn(3)]
     grads = [torch.randn(7), torch.randn(3)]
-    args = [params, grads, [], [], torch.tensor(0), None, None, 0.1, 0.0, 0.0, 0.0, False, False, True, 0.02, 1e-8,
-            False, None, None]
+    # fused_step_'s arguments up to found_inf (csrc/legw_fused.cpp); norms_sq, param_sq, param_sq_cached follow.
+    args = [params, grads, [], [], torch.tensor(0), None, None, 0.1, 0.0, 0.0, 0.0, False, False, False, True, 0.02,
+            1e-8, False, float("inf"), None, None]
     before = [p.clone() for p in params]
     with pytest.raises(error, match=r"norms_sq must be a contiguous float32 tensor of shape \[2, 2\]"):
         op(*args, torch.ones(2, 3), None, False)
-    with pytest.raises(error, match="param_sq_partials must be a contiguous 1-D float32 tensor of 2 elements"):
+    with pytest.raises(error, match="param_sq must be a contiguous 1-D float32 tensor of 2 elements"):
         op(*args, None, torch.zeros(5), False)
-    with pytest.raises(error, match="param_sq_cached needs param_sq_partials"):
+    with pytest.raises(error, match="param_sq_cached needs param_sq"):
         op(*args, None, None, True)
     for p, p0 in zip(params, before):
         assert torch.equal(p, p0)
@@ -333,12 +333,12 @@ def test_cuda_norm_kernels_were_compiled_when_forced():
     """CI builds with LEGW_FUSED_FORCE_CUDA_BUILD=1: both ops then have linked and registered CUDA kernels."""
     import os
 
-    from legw_fused import _ops
+    from legw_fused import ops
 
     if os.environ.get("LEGW_FUSED_FORCE_CUDA_BUILD") != "1":
         pytest.skip("LEGW_FUSED_FORCE_CUDA_BUILD is not set: this build may legitimately be CPU-only")
     for op in ("fused_step_", "sum_squares"):
-        assert _ops.has_kernel(op, "CUDA") and _ops.has_kernel(op, "CPU"), op
+        assert ops.has_kernel(op, "CUDA") and ops.has_kernel(op, "CPU"), op
     assert legw_fused.backend_info()["extension"]["ops"]["sum_squares"] == ["CPU", "CUDA"]
 
 
@@ -362,5 +362,5 @@ def test_params_joining_late_split_the_call_and_keep_the_cache_right(backend):
             assert_close_to_reference(a.detach(), c.detach(), torch.float32, msg=lambda m: f"step {t}: {m}")
         entry = cache_of(ours)
         live = [p for p in ours_p if p.grad is not None]
-        torch.testing.assert_close(entry["partials"].double(), chunk_sums(live, backends.BACKENDS[backend].norm_chunk),
-                                   rtol=2e-6, atol=1e-6)
+        chunk = backends.STEP_BACKENDS[backend].param_sq_chunk
+        assert_close(entry["param_sq"].double(), chunk_sums(live, chunk), "chunk_sums")

@@ -9,9 +9,10 @@ import torch
 import torch._dynamo.testing
 
 import legw_fused
-from legw_fused import LEGW, _ops
+from _helpers import assert_close
+from legw_fused import LEGW, ops
 
-needs_ext = pytest.mark.skipif(_ops.EXTENSION_ERROR is not None, reason=f"{_ops.EXTENSION_ERROR}")
+needs_ext = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=f"{ops.EXTENSION_ERROR}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SCHEDULES = {
@@ -41,33 +42,33 @@ def steps_for(sched):
 def test_cpu_op_equals_host_schedule(name):
     sched = SCHEDULES[name]
     t = steps_for(sched)
-    got = _ops.legw_lr(t, sched.packed("cpu"))
+    got = ops.fused_step.legw_lr(t, sched.packed("cpu"))
     assert got.dtype == torch.float64 and got.shape == t.shape
     # Same formula, same operation order, same libm: bitwise equal on CPU.
-    torch.testing.assert_close(got, host_lrs(sched, t), rtol=0, atol=0)
+    assert_close(got, host_lrs(sched, t), "exact")
 
 
 @needs_ext
 def test_cpu_op_any_shape_and_empty():
     sched = SCHEDULES["poly"]
     t = torch.randint(0, sched.total_steps * 2, (3, 5, 7))
-    torch.testing.assert_close(_ops.legw_lr(t, sched.packed("cpu")), host_lrs(sched, t.flatten()).view(3, 5, 7),
-                               rtol=0, atol=0)
-    assert _ops.legw_lr(torch.tensor(5), sched.packed("cpu")).shape == ()
-    assert _ops.legw_lr(torch.empty(0, dtype=torch.int64), sched.packed("cpu")).shape == (0,)
+    got = ops.fused_step.legw_lr(t, sched.packed("cpu"))
+    assert_close(got, host_lrs(sched, t.flatten()).view(3, 5, 7), "exact")
+    assert ops.fused_step.legw_lr(torch.tensor(5), sched.packed("cpu")).shape == ()
+    assert ops.fused_step.legw_lr(torch.empty(0, dtype=torch.int64), sched.packed("cpu")).shape == (0,)
 
 
 @needs_ext
 def test_op_rejects_bad_arguments():
     sched = SCHEDULES["step"]
     with pytest.raises(RuntimeError, match="step must be an int64"):
-        _ops.legw_lr(torch.arange(3, dtype=torch.int32), sched.packed("cpu"))
+        ops.fused_step.legw_lr(torch.arange(3, dtype=torch.int32), sched.packed("cpu"))
     with pytest.raises(RuntimeError, match="schedule must be the 1-D float64"):
-        _ops.legw_lr(torch.arange(3), sched.packed("cpu").float())
+        ops.fused_step.legw_lr(torch.arange(3), sched.packed("cpu").float())
     with pytest.raises(RuntimeError, match="announces"):
-        _ops.legw_lr(torch.arange(3), sched.packed("cpu")[:-1])
+        ops.fused_step.legw_lr(torch.arange(3), sched.packed("cpu")[:-1])
     with pytest.raises(RuntimeError, match="fewer than the fixed header"):
-        _ops.legw_lr(torch.arange(3), torch.zeros(4, dtype=torch.float64))
+        ops.fused_step.legw_lr(torch.arange(3), torch.zeros(4, dtype=torch.float64))
 
 
 @needs_ext
@@ -100,19 +101,19 @@ def test_compiles_fullgraph_without_recompiling_on_new_steps():
 def test_cuda_op_equals_host_schedule(name):
     sched = SCHEDULES[name]
     t = steps_for(sched)
-    got = _ops.legw_lr(t.cuda(), sched.packed("cuda"))
+    got = ops.fused_step.legw_lr(t.cuda(), sched.packed("cuda"))
     assert got.is_cuda
     # CUDA's pow/cos are within 1-2 ulp of glibc's.
-    torch.testing.assert_close(got.cpu(), host_lrs(sched, t), rtol=1e-14, atol=1e-18)
+    assert_close(got.cpu(), host_lrs(sched, t), "legw_lr_gpu")
 
 
 def test_cuda_sources_were_compiled_when_forced():
     """CI builds with LEGW_FUSED_FORCE_CUDA_BUILD=1: the CUDA kernel must then be linked and registered."""
     if os.environ.get("LEGW_FUSED_FORCE_CUDA_BUILD") != "1":
         pytest.skip("LEGW_FUSED_FORCE_CUDA_BUILD is not set: this build may legitimately be CPU-only")
-    assert _ops.EXTENSION_ERROR is None
-    assert _ops.WITH_CUDA
-    assert _ops.has_kernel("legw_lr", "CUDA") and _ops.has_kernel("legw_lr", "CPU")
+    assert ops.EXTENSION_ERROR is None
+    assert ops.WITH_CUDA
+    assert ops.has_kernel("legw_lr", "CUDA") and ops.has_kernel("legw_lr", "CPU")
     assert legw_fused.backend_info()["extension"]["ops"]["legw_lr"] == ["CPU", "CUDA"]
 
 
@@ -138,7 +139,7 @@ except RuntimeError as e:
 else:
     raise AssertionError("backend='cpp' without the extension must raise")
 try:
-    legw_fused._ops.legw_lr(torch.tensor(1), torch.zeros(9, dtype=torch.float64))
+    legw_fused.ops.fused_step.legw_lr(torch.tensor(1), torch.zeros(9, dtype=torch.float64))
 except RuntimeError as e:
     assert "not built" in str(e)
 else:

@@ -10,14 +10,14 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import legw_fused
+from _helpers import LSTM_TOL, assert_close_scaled
 from legw_fused import functional as LF
-from legw_fused.lstm_backends import LSTM_BACKENDS
+from legw_fused.backends import LSTM_BACKENDS
 
 # Worst error allowed, as a fraction of max(1, max |oracle|), for outputs/states and for gradients. fp32: a few
 # ulps accumulated over T steps and a GEMM of length I+H. bf16/fp16: the inputs of every GEMM are rounded to 8/11
 # significant bits, so errors of a few 2^-8 / 2^-11 relative to the magnitude are expected (torch's own bf16 LSTM
 # differs from its fp32 one by as much).
-TOL = {torch.float32: (2e-5, 5e-5), torch.bfloat16: (4e-2, 6e-2), torch.float16: (5e-3, 8e-3)}
 
 BACKENDS = [name for name in ("torch", "cpp", "triton") if name in LSTM_BACKENDS]
 
@@ -28,14 +28,6 @@ def lstm_backend(request):
     if reason is not None:
         pytest.skip(f"LSTM backend {request.param!r} unavailable: {reason}")
     return request.param
-
-
-def _close(name, got, want, tol):
-    got, want = got.float().cpu(), want.float()
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
-    err = (got - want).abs().max().item() if want.numel() else 0.0
-    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:g} x {scale:.3g}"
 
 
 def _pair(cls_ours, cls_torch, *args, dtype=torch.float32, backend="auto", device="cpu", **kwargs):
@@ -78,17 +70,17 @@ def _check_against_torch(lstm_backend, case, dtype, device="cpu"):
     out, (h_n, c_n) = ours(xs[0], (xs[1], xs[2]))
     rout, (rh, rc) = ref(xr[0], (xr[1], xr[2]))
     assert out.dtype == h_n.dtype == c_n.dtype == dtype
-    ftol, gtol = TOL[dtype]
+    ftol, gtol = LSTM_TOL[dtype]
     for name, a, b in (("output", out, rout), ("h_n", h_n, rh), ("c_n", c_n, rc)):
-        _close(name, a, b, ftol)
+        assert_close_scaled(name, a, b, ftol)
     # One backward through all three outputs, with random cotangents.
     cot = [torch.randn_like(t, dtype=torch.float32) for t in (rout, rh, rc)]
     torch.autograd.backward([out, h_n, c_n], [c.to(device, dtype) for c in cot])
     torch.autograd.backward([rout, rh, rc], cot)
     for name, a, b in zip(("d input", "d h0", "d c0"), xs, xr):
-        _close(name, a.grad, b.grad, gtol)
+        assert_close_scaled(name, a.grad, b.grad, gtol)
     for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
-        _close(f"d {name}", p.grad, q.grad, gtol)
+        assert_close_scaled(f"d {name}", p.grad, q.grad, gtol)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -131,14 +123,14 @@ def test_lstm_cell_matches_torch(lstm_backend, batched, with_state):
     b = [t.clone().requires_grad_() for t in leaves]
     h, c = ours(a[0], (a[1], a[2]) if with_state else None)
     rh, rc = ref(b[0], (b[1], b[2]) if with_state else None)
-    _close("h", h, rh, TOL[torch.float32][0])
-    _close("c", c, rc, TOL[torch.float32][0])
+    assert_close_scaled("h", h, rh, LSTM_TOL[torch.float32][0])
+    assert_close_scaled("c", c, rc, LSTM_TOL[torch.float32][0])
     (h.sum() + (c * c).sum()).backward()
     (rh.sum() + (rc * rc).sum()).backward()
     for i, (p, q) in enumerate(zip(a, b)):
-        _close(f"grad {i}", p.grad, q.grad, TOL[torch.float32][1])
+        assert_close_scaled(f"grad {i}", p.grad, q.grad, LSTM_TOL[torch.float32][1])
     for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
-        _close(f"d {name}", p.grad, q.grad, TOL[torch.float32][1])
+        assert_close_scaled(f"d {name}", p.grad, q.grad, LSTM_TOL[torch.float32][1])
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -151,7 +143,7 @@ def test_lstm_unbatched(lstm_backend, batch_first, with_state):
     out, (h, c) = ours(x, state)
     rout, (rh, rc) = ref(x, state)
     for name, a, b in (("output", out, rout), ("h_n", h, rh), ("c_n", c, rc)):
-        _close(name, a, b, TOL[torch.float32][0])
+        assert_close_scaled(name, a, b, LSTM_TOL[torch.float32][0])
 
 
 def test_functional_forms_match_torch(lstm_backend):
@@ -162,13 +154,13 @@ def test_functional_forms_match_torch(lstm_backend):
     out, h, c = LF.lstm(x, hx, ref._flat_weights, True, 2, 0.0, False, True, False, backend=lstm_backend)
     rout, rh, rc = torch._VF.lstm(x, hx, ref._flat_weights, True, 2, 0.0, False, True, False)
     for name, a, b in (("output", out, rout), ("h_n", h, rh), ("c_n", c, rc)):
-        _close(name, a, b, TOL[torch.float32][0])
+        assert_close_scaled(name, a, b, LSTM_TOL[torch.float32][0])
     cell = nn.LSTMCell(5, 6)
     h1, c1 = LF.lstm_cell(x[0], hx[0][0], hx[1][0], cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh,
                           backend=lstm_backend)
     rh1, rc1 = cell(x[0], (hx[0][0], hx[1][0]))
-    _close("cell h", h1, rh1, TOL[torch.float32][0])
-    _close("cell c", c1, rc1, TOL[torch.float32][0])
+    assert_close_scaled("cell h", h1, rh1, LSTM_TOL[torch.float32][0])
+    assert_close_scaled("cell c", c1, rc1, LSTM_TOL[torch.float32][0])
 
 
 def test_dropout_same_mask_as_torch_and_eval_mode(lstm_backend):
@@ -180,7 +172,7 @@ def test_dropout_same_mask_as_torch_and_eval_mode(lstm_backend):
     out, _ = ours(x)
     torch.manual_seed(11)
     rout, _ = ref(x)
-    _close("train output", out, rout, TOL[torch.float32][0])
+    assert_close_scaled("train output", out, rout, LSTM_TOL[torch.float32][0])
     torch.manual_seed(12)
     out2, _ = ours(x)
     assert (out2 - out).abs().max() > 1e-3, "dropout draws a new mask on every call in train mode"
@@ -189,7 +181,7 @@ def test_dropout_same_mask_as_torch_and_eval_mode(lstm_backend):
     e1, _ = ours(x)
     e2, _ = ours(x)
     assert torch.equal(e1, e2)
-    _close("eval output", e1, ref(x)[0], TOL[torch.float32][0])
+    assert_close_scaled("eval output", e1, ref(x)[0], LSTM_TOL[torch.float32][0])
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
@@ -206,15 +198,15 @@ def test_gradcheck_float64(backend):
     w_hh = torch.randn(4 * H, H, dtype=torch.float64, requires_grad=True)
     b_ih = torch.randn(4 * H, dtype=torch.float64, requires_grad=True)
     b_hh = torch.randn(4 * H, dtype=torch.float64, requires_grad=True)
-    layer = LSTM_BACKENDS[backend].step
+    layer = LSTM_BACKENDS[backend].layer
     for reverse in (False, True):
         assert torch.autograd.gradcheck(lambda *a: layer(*a, reverse), (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
 
 
 def test_opcheck_compiled_ops():
-    from legw_fused import _ops
+    from legw_fused import ops
 
-    if not hasattr(torch.ops.legw_fused, "lstm_layer_fwd") or not _ops.has_kernel("lstm_layer_fwd", "CPU"):
+    if not hasattr(torch.ops.legw_fused, "lstm_layer_fwd") or not ops.has_kernel("lstm_layer_fwd", "CPU"):
         pytest.skip(LSTM_BACKENDS["cpp"].unavailable_reason("cpu"))
     torch.manual_seed(8)
     T, B, I, H = 3, 2, 5, 4
@@ -241,12 +233,12 @@ def test_cuda_lstm_kernels_linked_when_forced():
     """CI builds with LEGW_FUSED_FORCE_CUDA_BUILD=1: the CUDA LSTM kernels must then be registered."""
     import os
 
-    from legw_fused import _ops
+    from legw_fused import ops
 
     if os.environ.get("LEGW_FUSED_FORCE_CUDA_BUILD") != "1":
         pytest.skip("LEGW_FUSED_FORCE_CUDA_BUILD is not set: this build may legitimately be CPU-only")
     for op in ("lstm_layer_fwd", "lstm_layer_bwd"):
-        assert _ops.has_kernel(op, "CPU") and _ops.has_kernel(op, "CUDA"), op
+        assert ops.has_kernel(op, "CPU") and ops.has_kernel(op, "CUDA"), op
 
 
 def test_bad_input_errors():
@@ -300,7 +292,7 @@ def test_second_derivative_is_torchs_or_raises(lstm_backend):
         return torch.autograd.grad((g ** 2).sum(), m.weight_ih_l0)[0]
 
     if lstm_backend == "torch":
-        _close("d2", second(ours), second(ref), TOL[torch.float32][1])
+        assert_close_scaled("d2", second(ours), second(ref), LSTM_TOL[torch.float32][1])
     else:
         with pytest.raises(NotImplementedError, match="second derivatives"):
             second(ours)
@@ -323,12 +315,12 @@ def test_autocast_runs_the_layer_in_the_autocast_dtype(lstm_backend, batch_first
     assert out.dtype == h_n.dtype == c_n.dtype == torch.bfloat16
     rout, (rh, rc) = ref(x.bfloat16().float())
     for name, got, want in (("out", out, rout), ("h_n", h_n, rh), ("c_n", c_n, rc)):
-        _close(name, got, want, TOL[torch.bfloat16][0])
+        assert_close_scaled(name, got, want, LSTM_TOL[torch.bfloat16][0])
     (out.float().sum() + c_n.float().sum()).backward()
     (rout.sum() + rc.sum()).backward()
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
         assert p.grad.dtype == torch.float32, name
-        _close(name, p.grad, q.grad, TOL[torch.bfloat16][1])
+        assert_close_scaled(name, p.grad, q.grad, LSTM_TOL[torch.bfloat16][1])
 
 
 def test_state_dict_and_isinstance_are_torchs():

@@ -3,10 +3,11 @@ may use TF32) with the same weights, forward and every gradient. Skipped without
 
 import pytest
 import torch
-from test_lstm import LAYER_CASES, TOL, _check_against_torch, _close
+from test_lstm import LAYER_CASES, _check_against_torch
 
 import legw_fused
-from legw_fused.lstm_backends import LSTM_BACKENDS
+from _helpers import LSTM_TOL, assert_close_scaled
+from legw_fused.backends import LSTM_BACKENDS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 GPU_BACKENDS = ["cuda", "triton"]
@@ -51,4 +52,4 @@ def test_large_batch_forward(backend):
         out, (h, c) = ours(x.cuda())
         rout, (rh, rc) = ref(x)
     for name, a, b in (("output", out, rout), ("h_n", h, rh), ("c_n", c, rc)):
-        _close(name, a, b, TOL[torch.float32][0])
+        assert_close_scaled(name, a, b, LSTM_TOL[torch.float32][0])

@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-from _helpers import (EXACT, FUSED_TOL, assert_unchanged, clone_params, make_params, set_random_grads,
-                      snapshot)
 
 import legw_fused
+from _helpers import assert_close, assert_unchanged, clone_params, make_params, set_random_grads, snapshot, tol_for
 from legw_fused import LARS, LEGW, SGD
 
 SCHED = LEGW(0.1, 32, 128, 0.5, 10, 4)
@@ -54,9 +53,8 @@ def test_state_dict_round_trip_continues_identically(kind, lr):
     assert len(counters) == 1 and int(resumed.state[b[0]]["step"]) == 7  # one shared device counter
     steps([(ref, a), (resumed, b)], 8, gen)
     for pa, pb in zip(a, b):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
-        torch.testing.assert_close(ref.state[pa]["momentum_buffer"], resumed.state[pb]["momentum_buffer"],
-                                   rtol=0, atol=0)
+        assert_close(pa, pb, "exact")
+        assert_close(ref.state[pa]["momentum_buffer"], resumed.state[pb]["momentum_buffer"], "exact")
     assert int(resumed.state[b[0]]["step"]) == 15
 
 
@@ -73,7 +71,7 @@ def test_torch_sgd_state_dict_loads_and_continues_identically(cfg, backend):
     assert ours.param_groups[0]["lr"] == 0.05 and "foreach" not in ours.param_groups[0]
     steps([(theirs, a), (ours, b)], 10, gen)
     for pa, pb in zip(a, b):
-        torch.testing.assert_close(pa, pb, **(EXACT if backend == "torch" else FUSED_TOL))
+        torch.testing.assert_close(pa, pb, **tol_for(backend))
 
 
 @pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=1e-2)])
@@ -87,7 +85,7 @@ def test_our_state_dict_loads_into_torch_sgd_and_continues_identically(cfg, back
     theirs.load_state_dict(save_load(ours.state_dict()))
     steps([(theirs, b), (ours, a)], 10, gen)
     for pa, pb in zip(a, b):
-        torch.testing.assert_close(pa, pb, **(EXACT if backend == "torch" else FUSED_TOL))
+        torch.testing.assert_close(pa, pb, **tol_for(backend))
 
 
 def test_state_dict_with_mismatching_shapes_is_rejected_and_nothing_changes():
@@ -149,7 +147,7 @@ def test_grad_scaler_skips_inf_steps_without_touching_anything(kind, backend):
     scaler.step(opt)
     for ps, p in zip(shadow.param_groups[0]["params"], model.parameters()):
         assert not torch.equal(p.detach(), expected[p])
-        torch.testing.assert_close(p.detach(), ps.detach(), rtol=0, atol=0)
+        assert_close(p.detach(), ps.detach(), "exact")
     assert int(opt.state[model[0].weight]["step"]) == 4
 
 
@@ -186,9 +184,9 @@ def test_grad_scaler_training_matches_torch_sgd(backend, dampening, clip):
     assert scalers[0].get_scale() == scalers[1].get_scale()
     assert int(ours.state[models[0][0].weight]["step"]) == 6  # 8 steps, 2 skipped
     for pa, pb in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(pa, pb, **(EXACT if backend == "torch" else FUSED_TOL))
+        torch.testing.assert_close(pa, pb, **tol_for(backend))
         torch.testing.assert_close(ours.state[pa]["momentum_buffer"], theirs.state[pb]["momentum_buffer"],
-                                   **(EXACT if backend == "torch" else FUSED_TOL))
+                                   **tol_for(backend))
 
 
 def test_non_finite_grads_without_scaler_behave_like_torch(backend):
@@ -203,7 +201,7 @@ def test_non_finite_grads_without_scaler_behave_like_torch(backend):
     ours.step()
     theirs.step()
     for pa, pb in zip(a, b):
-        torch.testing.assert_close(pa, pb, equal_nan=True, **(EXACT if backend == "torch" else FUSED_TOL))
+        torch.testing.assert_close(pa, pb, equal_nan=True, **tol_for(backend))
     assert torch.isnan(a[0][0, 0]) and torch.isinf(a[4][1, 1, 1])
 
 
@@ -241,7 +239,7 @@ def test_closure_zero_grad_hooks_and_add_param_group(backend):
         opt.step(closure_for(model, opt, extra))
         ref.step(closure_for(twin, ref, twin_extra))
     for pa, pb in zip(list(model.parameters()) + [extra], list(twin.parameters()) + [twin_extra]):
-        torch.testing.assert_close(pa, pb, **(EXACT if backend == "torch" else FUSED_TOL))
+        torch.testing.assert_close(pa, pb, **tol_for(backend))
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
     # The new group joins the shared step count.
@@ -408,7 +406,7 @@ def test_deepcopy_and_pickle_continue_identically(kind):
         ref.load_state_dict(save_load(opt.state_dict()))
         steps([(clone, b), (ref, ref.param_groups[0]["params"])], 3, torch.Generator().manual_seed(11))
         for pb, pr in zip(b, ref.param_groups[0]["params"]):
-            torch.testing.assert_close(pb, pr, rtol=0, atol=0)
+            assert_close(pb, pr, "exact")
 
 
 def test_every_step_call_counts_even_without_gradients(backend):
@@ -428,7 +426,7 @@ def test_trust_clip_at_zero_lr_leaves_params_finite(backend):
     set_random_grads([a], torch.Generator().manual_seed(13))
     opt.step()
     for p, q in zip(a, before):
-        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)  # r = 1 (the limit), lr = 0: no move, no NaN
+        assert_close(p.detach(), q, "exact")  # r = 1 (the limit), lr = 0: no move, no NaN
 
 
 def test_scheduler_state_with_wrong_number_of_schedules_is_rejected():

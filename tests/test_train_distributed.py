@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_train import needs_mnist
 
 ARGS = ["--train-items", "1024", "--eval-items", "256", "--batch-sizes", "128", "256", "--schemes", "legw",

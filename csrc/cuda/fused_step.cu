@@ -9,7 +9,7 @@
 // The LR is computed by thread 0 of each block from the device step count (no host sync). LARS: per-chunk sums of
 // squares -> per-tensor ratios summed in chunk order by one block per tensor (fixed order: bitwise repeatable) ->
 // update. With found_inf != 0 every kernel returns before writing (except for the |p|^2 cache, below).
-// |p|^2 cache (param_sq_partials, one float per chunk): the update block sums the squares of the values it stores
+// |p|^2 cache (param_sq, one float per chunk): the update block sums the squares of the values it stores
 // and writes its chunk's sum (no atomics); the next call's sum_squares launch then reads only g, and its ratio
 // launch adds the cached chunk sums in chunk order. Launches per LARS step: 3 (sum_squares, ratios, update); with
 // given norms (norms_sq) 1 (the update computes each tensor's ratio itself); legw_fused::sum_squares is 2.
@@ -59,15 +59,16 @@ struct Scalars {
   float trust_coefficient;
   float eps;
   bool clip;
-  float* p_sq_out;          // |p|^2 cache: one sum of squares of the stored values per chunk of the call, or null
-  bool p_sq_valid;          // the cache already describes the params (a skipped step leaves it as it is)
+  float max_ratio;  // clamp of the raw trust ratio (+inf: none)
+  float* p_sq_out;  // |p|^2 cache: one sum of squares of the stored values per chunk of the call, or null
+  bool p_sq_valid;  // the cache already describes the params (a skipped step leaves it as it is)
 };
 
 __device__ __forceinline__ bool skipped(const Scalars& s) { return s.found_inf != nullptr && *s.found_inf != 0.f; }
 
 __device__ __forceinline__ float resolve_lr(const Scalars& s) {
-  if (s.schedule != nullptr) return static_cast<float>(legw_lr(static_cast<double>(*s.step), s.schedule,
-                                                               s.schedule_len));
+  if (s.schedule != nullptr)
+    return static_cast<float>(legw_lr(static_cast<double>(*s.step), s.schedule, s.schedule_len));
   return s.lr_tensor != nullptr ? *s.lr_tensor : s.lr;
 }
 
@@ -142,8 +143,8 @@ __global__ void __launch_bounds__(kThreads)
   float r = 1.f;
   if (s.norms != nullptr) {
     const int64_t k = meta.index[t];
-    r = trust_ratio(sqrtf(s.norms[k]), sqrtf(s.norms[s.n_total + k]), lr, s.trust_coefficient,
-                    s.cfg.weight_decay, s.eps, s.clip);
+    r = trust_ratio(sqrtf(s.norms[k]), sqrtf(s.norms[s.n_total + k]), lr, s.trust_coefficient, s.cfg.weight_decay,
+                    s.eps, s.clip, s.max_ratio);
   } else if (s.ratios != nullptr) {
     r = s.ratios[meta.index[t]];
   }
@@ -151,8 +152,9 @@ __global__ void __launch_bounds__(kThreads)
 
   constexpr int kVec = 16 / sizeof(P);
   int64_t i = begin;
-  const bool vector = aligned16<P>(p) && aligned16<P>(g) && (!kMomentum || reinterpret_cast<uintptr_t>(buf) %
-                      (sizeof(B) * kVec) == 0) && (!kMaster || reinterpret_cast<uintptr_t>(master) % (4 * kVec) == 0);
+  const bool vector = aligned16<P>(p) && aligned16<P>(g) &&
+                      (!kMomentum || reinterpret_cast<uintptr_t>(buf) % (sizeof(B) * kVec) == 0) &&
+                      (!kMaster || reinterpret_cast<uintptr_t>(master) % (4 * kVec) == 0);
   if (vector) {
     const int64_t vec_end = begin + (end - begin) / kVec * kVec;
     for (int64_t j = begin + static_cast<int64_t>(threadIdx.x) * kVec; j < vec_end;
@@ -206,8 +208,8 @@ __global__ void __launch_bounds__(kThreads)
   float p_sq = 0.f, g_sq = 0.f;
   for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
     if (with_p) {  // otherwise the |p|^2 cache holds this chunk's sum
-      const float pv = meta.master[t] != nullptr ? meta.master[t][j]
-                                                 : static_cast<float>(static_cast<const P*>(meta.p[t])[j]);
+      const float pv =
+          meta.master[t] != nullptr ? meta.master[t][j] : static_cast<float>(static_cast<const P*>(meta.p[t])[j]);
       p_sq += pv * pv;
     }
     const float gv = static_cast<float>(g[j]) * inv;
@@ -234,8 +236,8 @@ struct RatioMeta {
 // One block per tensor: its chunk partials in order (the p partials from the |p|^2 cache `p_cached` where given)
 // -> its trust ratio in `out`, or with `sums` its two sums of squares at out[t] and out[n_total + t].
 __global__ void __launch_bounds__(kThreads)
-    trust_ratio_kernel(const __grid_constant__ RatioMeta meta, const float* partials, const float* p_cached,
-                       float* out, bool sums, const __grid_constant__ Scalars s) {
+    trust_ratio_kernel(const __grid_constant__ RatioMeta meta, const float* partials, const float* p_cached, float* out,
+                       bool sums, const __grid_constant__ Scalars s) {
   if (skipped(s)) return;
   __shared__ float shared[kThreads / 32];
   const int t = blockIdx.x;
@@ -253,7 +255,8 @@ __global__ void __launch_bounds__(kThreads)
       out[meta.n_total + k] = g_sq;
     } else {
       const float lr = s.clip ? resolve_lr(s) : 1.f;
-      out[k] = trust_ratio(sqrtf(p_sq), sqrtf(g_sq), lr, s.trust_coefficient, s.cfg.weight_decay, s.eps, s.clip);
+      out[k] = trust_ratio(sqrtf(p_sq), sqrtf(g_sq), lr, s.trust_coefficient, s.cfg.weight_decay, s.eps, s.clip,
+                           s.max_ratio);
     }
   }
 }
@@ -313,8 +316,7 @@ void reduce_norms(at::TensorList params, at::TensorList grads, at::TensorList ma
     first_chunk[t + 1] = first_chunk[t] + static_cast<int32_t>((params[t].numel() + kChunk - 1) / kChunk);
   at::Tensor partials = at::empty({2 * std::max(first_chunk.back(), 1)}, params[0].options().dtype(at::kFloat));
   for_each_launch(params, grads, {}, masters, [&](const TensorMeta& meta, int n_blocks) {
-    sum_squares_kernel<P><<<n_blocks, kThreads, 0, stream>>>(meta, s, partials.data_ptr<float>(),
-                                                             p_cached == nullptr);
+    sum_squares_kernel<P><<<n_blocks, kThreads, 0, stream>>>(meta, s, partials.data_ptr<float>(), p_cached == nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   for (int64_t base = 0; base < n; base += kMaxRatioTensors) {
@@ -325,7 +327,7 @@ void reduce_norms(at::TensorList params, at::TensorList grads, at::TensorList ma
     std::copy(first_chunk.begin() + base, first_chunk.begin() + base + count + 1, meta.first_chunk);
     // every tensor's block writes its entry (sums 0, ratio 1 for empty tensors): `out` needs no initialisation
     trust_ratio_kernel<<<static_cast<unsigned>(count), kThreads, 0, stream>>>(meta, partials.data_ptr<float>(),
-                                                                             p_cached, out, sums, s);
+                                                                              p_cached, out, sums, s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -335,13 +337,14 @@ void reduce_norms(at::TensorList params, at::TensorList grads, at::TensorList ma
 void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList masters,
                      const at::Tensor& step, const c10::optional<at::Tensor>& schedule,
                      const c10::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
-                     double weight_decay, bool nesterov, bool first_step, bool lars, double trust_coefficient,
-                     double eps, bool trust_clip, const c10::optional<at::Tensor>& grad_scale,
-                     const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& norms_sq,
-                     const c10::optional<at::Tensor>& param_sq_partials, bool param_sq_cached) {
+                     double weight_decay, bool nesterov, bool maximize, bool first_step, bool lars,
+                     double trust_coefficient, double eps, bool trust_clip, double max_trust_ratio,
+                     const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+                     const c10::optional<at::Tensor>& norms_sq, const c10::optional<at::Tensor>& param_sq,
+                     bool param_sq_cached) {
   check_fused_step_args(params, grads, bufs, masters, step, schedule, momentum,
                         {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}});
-  check_norm_args("fused_step_", params, norms_sq, param_sq_partials, param_sq_cached);
+  check_norm_args("fused_step_", params, norms_sq, param_sq, param_sq_cached);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -355,16 +358,21 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   s.schedule_len = schedule.has_value() ? schedule->numel() : 0;
   s.lr_tensor = lr_f.has_value() ? lr_f->data_ptr<float>() : nullptr;
   s.lr = static_cast<float>(lr);
-  s.cfg = StepConfig{static_cast<float>(momentum), static_cast<float>(dampening), static_cast<float>(weight_decay),
-                     nesterov, first_step};
+  s.cfg = StepConfig{static_cast<float>(momentum),
+                     static_cast<float>(dampening),
+                     static_cast<float>(weight_decay),
+                     nesterov,
+                     maximize,
+                     first_step};
   s.grad_scale = scale_f.has_value() ? scale_f->data_ptr<float>() : nullptr;
   s.found_inf = inf_f.has_value() ? inf_f->data_ptr<float>() : nullptr;
   s.n_total = static_cast<int64_t>(params.size());
   s.trust_coefficient = static_cast<float>(trust_coefficient);
   s.eps = static_cast<float>(eps);
   s.clip = trust_clip;
+  s.max_ratio = static_cast<float>(max_trust_ratio);
   s.norms = lars && norms_sq.has_value() ? norms_sq->data_ptr<float>() : nullptr;
-  s.p_sq_out = param_sq_partials.has_value() ? param_sq_partials->data_ptr<float>() : nullptr;
+  s.p_sq_out = param_sq.has_value() ? param_sq->data_ptr<float>() : nullptr;
   s.p_sq_valid = param_sq_cached;
 
   dispatch_param_type(params[0].scalar_type(), [&](auto tag) {
@@ -395,24 +403,22 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 }
 
 at::Tensor sum_squares_cuda(at::TensorList params, at::TensorList grads, at::TensorList masters,
-                            const c10::optional<at::Tensor>& param_sq_partials,
-                            const c10::optional<at::Tensor>& grad_scale) {
+                            const c10::optional<at::Tensor>& param_sq, const c10::optional<at::Tensor>& grad_scale) {
   check_sum_squares_args(params, grads, masters, grad_scale);
-  check_norm_args("sum_squares", params, c10::nullopt, param_sq_partials, false);
+  check_norm_args("sum_squares", params, c10::nullopt, param_sq, false);
   const int64_t n = static_cast<int64_t>(params.size());
   if (n == 0) return at::zeros({2, 0}, at::TensorOptions().dtype(at::kFloat));
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto scale_f = grad_scale.has_value() ? c10::optional<at::Tensor>(grad_scale->to(at::kFloat).contiguous())
-                                              : c10::nullopt;
+  const auto scale_f =
+      grad_scale.has_value() ? c10::optional<at::Tensor>(grad_scale->to(at::kFloat).contiguous()) : c10::nullopt;
   Scalars s{};
   s.grad_scale = scale_f.has_value() ? scale_f->data_ptr<float>() : nullptr;
   s.n_total = n;
   at::Tensor out = at::empty({2, n}, params[0].options().dtype(at::kFloat));
   dispatch_param_type(params[0].scalar_type(), [&](auto tag) {
     using P = decltype(tag);
-    reduce_norms<P>(params, grads, masters, s,
-                    param_sq_partials.has_value() ? param_sq_partials->data_ptr<float>() : nullptr,
+    reduce_norms<P>(params, grads, masters, s, param_sq.has_value() ? param_sq->data_ptr<float>() : nullptr,
                     out.data_ptr<float>(), true, stream);
   });
   return out;

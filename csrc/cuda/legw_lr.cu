@@ -9,8 +9,8 @@
 
 namespace legw_fused {
 
-__global__ void legw_lr_kernel(const int64_t* __restrict__ step, const double* __restrict__ sched,
-                               int64_t sched_len, double* __restrict__ out, int64_t n) {
+__global__ void legw_lr_kernel(const int64_t* __restrict__ step, const double* __restrict__ sched, int64_t sched_len,
+                               double* __restrict__ out, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) out[i] = legw_lr(static_cast<double>(step[i]), sched, sched_len);
 }

@@ -17,9 +17,8 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename scalar_t, typename acc_t>
-__global__ void fwd_kernel(scalar_t* __restrict__ a, const acc_t* __restrict__ bias,
-                           const acc_t* __restrict__ c_prev, acc_t* __restrict__ c, scalar_t* __restrict__ h,
-                           int64_t B, int64_t H) {
+__global__ void fwd_kernel(scalar_t* __restrict__ a, const acc_t* __restrict__ bias, const acc_t* __restrict__ c_prev,
+                           acc_t* __restrict__ c, scalar_t* __restrict__ h, int64_t B, int64_t H) {
   const int64_t n = B * H;
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = k / H, j = k - b * H;
@@ -45,8 +44,8 @@ __global__ void bwd_kernel(const scalar_t* __restrict__ act, const acc_t* __rest
     const int64_t b = k / H, j = k - b * H;
     const scalar_t* ar = act + b * 4 * H;
     const acc_t dh = acc_t(dh_rec[k]) + (dout ? acc_t(dout[k]) : acc_t(0));
-    const Bwd<acc_t> r(acc_t(ar[j]), acc_t(ar[H + j]), acc_t(ar[2 * H + j]), acc_t(ar[3 * H + j]), c_prev[k], c[k],
-                       dh, dc[k]);
+    const Bwd<acc_t> r(acc_t(ar[j]), acc_t(ar[H + j]), acc_t(ar[2 * H + j]), acc_t(ar[3 * H + j]), c_prev[k], c[k], dh,
+                       dc[k]);
     scalar_t* dar = da + b * 4 * H;
     dar[j] = scalar_t(r.di);
     dar[H + j] = scalar_t(r.df);
@@ -63,8 +62,7 @@ unsigned blocks_for(int64_t n) {
 
 }  // namespace
 
-void pointwise_fwd_cuda(at::Tensor& a, const at::Tensor& bias, const at::Tensor& c_prev, at::Tensor& c,
-                        at::Tensor& h) {
+void pointwise_fwd_cuda(at::Tensor& a, const at::Tensor& bias, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& h) {
   const int64_t B = a.size(0), H = c.size(1);
   if (B * H == 0) return;
   const c10::cuda::CUDAGuard guard(a.device());
@@ -72,14 +70,14 @@ void pointwise_fwd_cuda(at::Tensor& a, const at::Tensor& bias, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "lstm_pointwise_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     fwd_kernel<scalar_t, acc_t><<<blocks_for(B * H), kThreads, 0, stream>>>(
-        a.data_ptr<scalar_t>(), bias.data_ptr<acc_t>(), c_prev.data_ptr<acc_t>(),
-        c.data_ptr<acc_t>(), h.data_ptr<scalar_t>(), B, H);
+        a.data_ptr<scalar_t>(), bias.data_ptr<acc_t>(), c_prev.data_ptr<acc_t>(), c.data_ptr<acc_t>(),
+        h.data_ptr<scalar_t>(), B, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-void pointwise_bwd_cuda(const at::Tensor& act, const at::Tensor& c_prev, const at::Tensor& c,
-                        const at::Tensor& dout, const at::Tensor& dh_rec, at::Tensor& dc, at::Tensor& da) {
+void pointwise_bwd_cuda(const at::Tensor& act, const at::Tensor& c_prev, const at::Tensor& c, const at::Tensor& dout,
+                        const at::Tensor& dh_rec, at::Tensor& dc, at::Tensor& da) {
   const int64_t B = act.size(0), H = c.size(1);
   if (B * H == 0) return;
   const c10::cuda::CUDAGuard guard(act.device());

@@ -97,7 +97,7 @@ def run(task_name: str, *, preset: str = "quick", batch_sizes=None, schemes=None
     if max(batch_sizes) > len(task):
         raise ValueError(f"--batch-sizes: {max(batch_sizes)} is larger than the {len(task)} training items, so an "
                          f"epoch would have no full batch; use smaller batches or more training data")
-    opt_backend = backends.select_backend("auto", dev).name
+    opt_backend = backends.select(backends.STEP_BACKENDS, "auto", dev).name
     say = print if rank == 0 else (lambda *a, **k: None)  # one header, not one per rank
     say(f"legw-fused train {task_name}: the {preset} preset"
           + (" (a short subset/few-epoch run that shows the effect; --full for the paper-scale sweep)"

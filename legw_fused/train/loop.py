@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, Sampler
 from tqdm.auto import tqdm
 
+from ..backends import LSTM_BACKENDS, select
 from ..distributed import global_batch_size
 from ..lstm import LSTM
-from ..lstm_backends import select_lstm_backend
 from ..optim import LARS, SGD, param_groups
 from ..schedule import LEGW
 from .tasks import BASE_BATCH, Baseline
@@ -179,7 +179,7 @@ def lr_curve(schedule: LEGW, points: int = 400) -> dict:
 
 def lstm_backend(model: torch.nn.Module) -> str:
     """Which implementation the model's LSTM layers run (reported with the results)."""
-    names = {select_lstm_backend(m.backend, m.weight_ih_l0.device, m.weight_ih_l0.dtype).name
+    names = {select(LSTM_BACKENDS, m.backend, m.weight_ih_l0.device, m.weight_ih_l0.dtype).name
              for m in model.modules() if isinstance(m, LSTM)}
     return ", ".join(sorted(names))
 

@@ -1,12 +1,16 @@
-"""Autograd and fake (meta) implementations of the compiled LSTM layer ops, and the layer functions of the fused
-backends. Shapes as in functional.py: T steps, B batch, I input, H hidden, G = 4H."""
+"""The LSTM layer op family: fake (meta) implementations and autograd of the extension's ``lstm_layer_fwd`` /
+``lstm_layer_bwd`` (C++ CPU and CUDA, csrc/lstm.cpp), the Triton layer's autograd Function (kernels/lstm.py), and
+the layer functions of the fused backends, each with lstm_reference.layer's signature.
+
+Shapes: T steps, B batch, I input, H hidden, G = 4H (see lstm_reference.py).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _C
 
 
 def _no_double_backward(backend: str) -> None:
@@ -18,7 +22,7 @@ def _no_double_backward(backend: str) -> None:
                                   f"create_graph=True) are not implemented; use backend='torch' or torch.nn.LSTM")
 
 
-if _ops._C is not None and hasattr(torch.ops.legw_fused, "lstm_layer_fwd"):
+if _C is not None:
     @torch.library.register_fake("legw_fused::lstm_layer_fwd")
     def _fwd_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse):
         T, B, _ = x.shape
@@ -57,9 +61,9 @@ if _ops._C is not None and hasattr(torch.ops.legw_fused, "lstm_layer_fwd"):
     torch.library.register_autograd("legw_fused::lstm_layer_fwd", _backward, setup_context=_setup_context)
 
 
-def compiled_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+def extension_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                    b_hh: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer, one direction, on the C++ CPU or CUDA op (same signature as functional.lstm_layer_reference)."""
+    """One layer, one direction, on the extension's C++ CPU or CUDA op (lstm_reference.layer's signature)."""
     out, h_n, c_n, _, _ = torch.ops.legw_fused.lstm_layer_fwd(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse)
     return out, h_n, c_n
 
@@ -120,5 +124,5 @@ class _TritonLayer(torch.autograd.Function):
 
 def triton_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                  b_hh: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer, one direction, on the Triton kernels (same signature as functional.lstm_layer_reference)."""
+    """One layer, one direction, on the Triton kernels (lstm_reference.layer's signature)."""
     return _TritonLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)

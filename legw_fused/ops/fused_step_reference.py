@@ -6,14 +6,14 @@ against, and the benchmark baseline. It never reads a value back to the host and
 One call updates one bucket: tensors of one device and one dtype. Lists are indexed by tensor; ``lr`` is a float,
 a 0-dim tensor on the bucket's device, or a LEGW schedule evaluated at the device step count ``step``.
 
-Update (torch.optim.SGD's, with LARS's trust ratio r; r = 1 without LARS):
+Update (torch.optim.SGD's, with LARS's trust ratio r; r = 1 without LARS; g = -g first with maximize):
     d   = r * (g + weight_decay * p)
     buf = d                                          on the first step
     buf = momentum * buf + (1 - dampening) * d       after
     d   = d + momentum * buf   if nesterov else buf
     p   = p - lr * d
-LARS: r = trust_coefficient * |p| / (|g| + weight_decay * |p| + eps) where |p| > 0 and |g| > 0, else 1;
-with trust_clip, r = min(r / lr, 1) where r was computed.
+LARS: r = min(trust_coefficient * |p| / (|g| + weight_decay * |p| + eps), max_trust_ratio) where |p| > 0 and
+|g| > 0, else 1; with trust_clip, r = min(r / lr, 1) where r was computed.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .schedule import LEGW
+from ..schedule import LEGW
 
 __all__ = ["step_", "sum_squares", "trust_ratios"]
 
 
 def sum_squares(params: list[Tensor], grads: list[Tensor], masters: list[Tensor] | None = None,
-                param_sq_partials: Tensor | None = None, grad_scale: Tensor | None = None) -> Tensor:
+                param_sq: Tensor | None = None, grad_scale: Tensor | None = None) -> Tensor:
     """Per-tensor sums of squares, float64 [2, N]: row 0 of the params (the fp32 masters where given), row 1 of
-    the grads times 1/grad_scale. This backend keeps no |p|^2 cache: ``param_sq_partials`` must be None."""
-    if param_sq_partials is not None:
+    the grads times 1/grad_scale. This backend keeps no |p|^2 cache: ``param_sq`` must be None."""
+    if param_sq is not None:
         raise AssertionError("the reference backend keeps no |p|^2 cache")
     if not params:
         return torch.zeros(2, 0, dtype=torch.float64)
@@ -42,7 +42,8 @@ def sum_squares(params: list[Tensor], grads: list[Tensor], masters: list[Tensor]
 
 
 def trust_ratios(params: list[Tensor], grads: list[Tensor], *, lr, weight_decay: float, trust_coefficient: float,
-                 eps: float, trust_clip: bool, norms_sq: Tensor | None = None) -> Tensor:
+                 eps: float, trust_clip: bool, max_trust_ratio: float | None = None,
+                 norms_sq: Tensor | None = None) -> Tensor:
     """LARS trust ratio of every tensor, as one vector (the tensors' dtype) on the bucket's device; the norms are
     the square roots of ``norms_sq`` ([2, N], see sum_squares) where given."""
     if norms_sq is not None:
@@ -53,6 +54,8 @@ def trust_ratios(params: list[Tensor], grads: list[Tensor], *, lr, weight_decay:
         p_norm = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float64)).to(params[0].dtype)
         g_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).to(params[0].dtype)
     ratio = trust_coefficient * p_norm / (g_norm + weight_decay * p_norm + eps)
+    if max_trust_ratio is not None:
+        ratio = torch.clamp(ratio, max=max_trust_ratio)
     if trust_clip:
         # min(r / lr, 1), and 1 at lr = 0 (the limit; 0/0 would otherwise give NaN when trust_coefficient = 0).
         if isinstance(lr, Tensor):
@@ -64,16 +67,19 @@ def trust_ratios(params: list[Tensor], grads: list[Tensor], *, lr, weight_decay:
 
 
 def _update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], *, lr, momentum: float,
-             dampening: float, weight_decay: float, nesterov: bool, lars: bool, trust_coefficient: float,
-             eps: float, trust_clip: bool, norms_sq: Tensor | None = None) -> list[Tensor | None]:
+             dampening: float, weight_decay: float, nesterov: bool, maximize: bool, lars: bool,
+             trust_coefficient: float, eps: float, trust_clip: bool, max_trust_ratio: float | None,
+             norms_sq: Tensor | None = None) -> list[Tensor | None]:
     """The update in the tensors' own precision (fp32 or fp64)."""
     # `grads` may be the parameters' own .grad tensors: every op below that could write them is out-of-place.
+    if maximize:
+        grads = torch._foreach_neg(grads)
     d = grads
     if weight_decay != 0:
         d = torch._foreach_add(grads, params, alpha=weight_decay)
     if lars:
         r = trust_ratios(params, grads, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                         eps=eps, trust_clip=trust_clip, norms_sq=norms_sq)
+                         eps=eps, trust_clip=trust_clip, max_trust_ratio=max_trust_ratio, norms_sq=norms_sq)
         d = torch._foreach_mul(d, list(r.unbind(0)))
     if momentum != 0:
         if all(b is not None for b in bufs):
@@ -92,28 +98,31 @@ def _update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None
 
 
 def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], *, lr, step: Tensor,
-          momentum: float, dampening: float, weight_decay: float, nesterov: bool, lars: bool = False,
-          trust_coefficient: float = 0.0, eps: float = 0.0, trust_clip: bool = False, grad_scale: Tensor | None = None,
-          found_inf: Tensor | None = None, masters: list[Tensor] | None = None,
-          norms_sq: Tensor | None = None) -> list[Tensor | None]:
+          momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool = False,
+          lars: bool = False, trust_coefficient: float = 0.0, eps: float = 0.0, trust_clip: bool = False,
+          max_trust_ratio: float | None = None, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+          masters: list[Tensor] | None = None, norms_sq: Tensor | None = None, param_sq: Tensor | None = None,
+          param_sq_cached: bool = False) -> list[Tensor | None]:
     """Update ``params`` (and the momentum buffers) in place; return the buffers, new ones made on first use.
 
     ``step`` is the device int64 step count (steps already taken); it is read only when ``lr`` is a LEGW schedule.
     bf16/fp16 tensors are computed in fp32 and rounded once when written back; with ``masters`` (fp32 copies of
     bf16/fp16 params, fp32 buffers) the update runs on the masters and the params receive their rounding. Grads are
-    multiplied by
-    1/grad_scale (GradScaler's unscale, into new tensors). This backend cannot skip on the device: the optimizer
-    reads found_inf on the host and calls it only for finite steps. ``norms_sq`` ([2, N], sums of squares of the
-    params and the unscaled grads, e.g. all-reduced over the ranks of a sharded model) replaces the LARS norms.
+    multiplied by 1/grad_scale (GradScaler's unscale, into new tensors). This backend cannot skip on the device:
+    the optimizer reads found_inf on the host and calls it only for finite steps. ``norms_sq`` ([2, N], sums of
+    squares of the params and the unscaled grads, e.g. all-reduced over the ranks of a sharded model) replaces the
+    LARS norms. This backend keeps no |p|^2 cache: ``param_sq`` must be None.
     """
-    if found_inf is not None:
-        raise AssertionError("the reference backend is only called for steps known to be finite")
+    if found_inf is not None or param_sq is not None:
+        raise AssertionError("the reference backend is only called for steps known to be finite, without a "
+                             "|p|^2 cache")
     if not params:
         return bufs
     if isinstance(lr, LEGW):
         lr = lr.lr_tensor(step)
     hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-              lars=lars, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip, norms_sq=norms_sq)
+              maximize=maximize, lars=lars, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip,
+              max_trust_ratio=max_trust_ratio, norms_sq=norms_sq)
     low_precision = params[0].dtype in (torch.float16, torch.bfloat16)
     if low_precision:
         grads = [g.float() for g in grads]

@@ -1,0 +1,31 @@
+"""The legw_fused ops, one module per op family: the compiled extension legw_fused._C (C++ CPU and CUDA kernels,
+every op schema: csrc/legw_fused.cpp) loaded here, and per family its wrappers, fake implementations, autograd
+and Triton registrations (``fused_step``, ``lstm``) beside a readable pure-PyTorch reference
+(``fused_step_reference``, ``lstm_reference``).
+
+The package works without the extension (the "torch" reference backends need none of it); ``EXTENSION_ERROR``
+says why it could not be loaded, and ``legw_fused.backend_info()`` reports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+try:
+    # Importing the shared library registers the legw_fused:: ops with the dispatcher.
+    _C = importlib.import_module("legw_fused._C")
+
+    EXTENSION_ERROR: str | None = None
+    WITH_CUDA: bool = bool(_C.WITH_CUDA)
+except ImportError as exc:
+    _C = None
+    EXTENSION_ERROR = (f"legw_fused._C is not built or failed to load ({exc}); reinstall with "
+                       f"`pip install --no-build-isolation .` against the torch you run")
+    WITH_CUDA = False
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``legw_fused::<op>`` has a kernel registered for ``dispatch_key`` ("CPU", "CUDA")."""
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"legw_fused::{op}", dispatch_key)

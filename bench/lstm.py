@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import legw_fused
-from legw_fused.backends import AUTO_ORDER, LSTM_BACKENDS
+from legw_fused.backends import LSTM_BACKENDS
 from legw_fused.bench.harness import add_common_args, cpu_times_ms, cuda_times_ms, describe, metadata, write_results
 from legw_fused.ops.lstm_reference import layer as lstm_layer_reference
 
@@ -79,8 +79,10 @@ def providers(device: torch.device, I: int, H: int, dtype: torch.dtype):
     out = [("nn.LSTM" + (" (cuDNN)" if device.type == "cuda" else ""), base)]
     if device.type == "cuda":
         out.append(("nn.LSTM, cuDNN off (native cell)", base))
-    for name in AUTO_ORDER.get(device.type, ()):
-        if name != "torch" and LSTM_BACKENDS[name].unavailable_reason(device.type, dtype) is None:
+    # Every fused backend the device can run, and "auto" (which may be torch's own kernel: native).
+    for name in LSTM_BACKENDS.auto_order.get(device.type, ()) + ("auto",):
+        if name not in ("torch", "native") and (name == "auto" or
+                                               LSTM_BACKENDS[name].unavailable_reason(device.type, dtype) is None):
             ours = legw_fused.LSTM(I, H, device=device, dtype=dtype, backend=name)
             ours.load_state_dict(base.state_dict())
             out.append((f"legw_fused.LSTM [{name}]", ours))

@@ -2,8 +2,8 @@
 "auto" picks per device. One mechanism for both op families: a registry of ``Backend`` entries and ``select``.
 
 Choice is explicit and explains itself: an explicit backend that cannot run raises with the stored reason, and
-"auto" takes the first available backend in ``AUTO_ORDER`` for the tensors' device type. Nothing falls back
-silently.
+"auto" takes the first available backend in the registry's ``auto_order`` for the tensors' device type (with the
+reason in ``auto_why`` where the order depends on the machine). Nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from . import ops
 from .ops import fused_step, fused_step_reference, lstm, lstm_reference
 
-__all__ = ["Backend", "StepBackend", "LSTMBackend", "STEP_BACKENDS", "LSTM_BACKENDS", "AUTO_ORDER", "select",
+__all__ = ["Backend", "StepBackend", "LSTMBackend", "Registry", "STEP_BACKENDS", "LSTM_BACKENDS", "select",
            "check_backend_name", "backend_info"]
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -92,7 +92,21 @@ def _fused(name: str, device_types: tuple[str, ...], description: str, reason: s
 
 # What was built and installed does not change while the process runs: reasons are decided here, once, which also
 # keeps step() free of dispatcher queries (torch.compile traces it).
-STEP_BACKENDS: dict[str, StepBackend] = {
+class Registry(dict):
+    """The backends of one op family by name, with the order in which "auto" tries them per device type (fastest
+    first; "torch" closes every list so that auto always finds a backend) and why that order."""
+
+    def __init__(self, family: str, backends: dict[str, Backend], auto_order: dict[str, tuple[str, ...]],
+                 auto_why: dict[str, str] | None = None):
+        super().__init__(backends)
+        self.family = family
+        self.auto_order = auto_order
+        self.auto_why = auto_why or {}
+
+
+_STEP_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+STEP_BACKENDS: Registry = Registry("", {
     "torch": StepBackend("torch", None, None, "pure-PyTorch reference over torch._foreach_* ops", None,
                          contiguous_only=False, step_=fused_step_reference.step_,
                          sum_squares=fused_step_reference.sum_squares),
@@ -103,9 +117,25 @@ STEP_BACKENDS: dict[str, StepBackend] = {
                    fused_step.PARAM_SQ_CHUNK),
     "triton": _fused("triton", _TRITON_DEVICES, "fused multi-tensor Triton kernel" + _INTERPRETED, _triton_reason(),
                      fused_step.fused_step_triton_, fused_step.sum_squares_triton, fused_step.TRITON_PARAM_SQ_CHUNK),
-}
+}, _STEP_AUTO_ORDER)
 
-LSTM_BACKENDS: dict[str, LSTMBackend] = {
+
+def _lstm_cpu_auto() -> tuple[tuple[str, ...], str]:
+    """The LSTM's CPU order for "auto": our C++ layer, except where torch's own kernel is known to be faster.
+
+    Measured (bench/lstm.py, MNIST shape T 28, I 28, H 128, fwd+bwd): the C++ layer was 1.24x nn.LSTM on an AVX2 CPU
+    (bench/results/lstm_cpu.*), but 0.57x (B 128) and 0.92x (B 1024) on an AVX-512 EPYC, where oneDNN's LSTM runs
+    AVX-512 kernels (issue #17). So on CPUs where ATen dispatches to AVX-512, auto takes torch's own kernel."""
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    if capability.startswith("AVX512"):
+        return ("native", "cpp", "torch"), (f"ATen CPU capability {capability}: torch's oneDNN LSTM beat the C++ "
+                                            f"layer on AVX-512 (0.57x at B 128)")
+    return ("cpp", "native", "torch"), f"ATen CPU capability {capability}: the C++ layer (1.24x nn.LSTM on AVX2)"
+
+
+_LSTM_CPU_ORDER, _LSTM_CPU_WHY = _lstm_cpu_auto()
+
+LSTM_BACKENDS: Registry = Registry("LSTM ", {
     "torch": LSTMBackend("torch", None, None, "pure-PyTorch reference (autograd through torch ops)", None,
                          contiguous_only=False, layer=lstm_reference.layer),
     "cpp": LSTMBackend("cpp", ("cpu",), FUSED_DTYPES + (torch.float64,),
@@ -115,48 +145,46 @@ LSTM_BACKENDS: dict[str, LSTMBackend] = {
     "cuda": LSTMBackend("cuda", ("cuda",), FUSED_DTYPES + (torch.float64,),
                         "CUDA layer: cuBLAS GEMMs + fused pointwise kernels",
                         _extension_reason("lstm_layer_fwd", "CUDA"), contiguous_only=False, layer=lstm.extension_layer),
+    "native": LSTMBackend("native", None, None, "torch's own LSTM kernel (oneDNN/MKL on CPU, cuDNN on GPUs)", None,
+                          contiguous_only=False, layer=lstm.native_layer),
     "triton": LSTMBackend("triton", _TRITON_DEVICES, FUSED_DTYPES,
                           "Triton: persistent whole-sequence kernel (small H) or per-step fused cell" + _INTERPRETED,
                           _triton_reason(), contiguous_only=False, layer=lstm.triton_layer),
-}
-
-# Fastest first; "torch" closes every list so that auto always finds a backend. The same order for both families.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
-
-_FAMILY = {id(STEP_BACKENDS): "", id(LSTM_BACKENDS): "LSTM "}
+}, {"cuda": ("cuda", "triton", "torch"), "cpu": _LSTM_CPU_ORDER}, {"cpu": _LSTM_CPU_WHY})
 
 
-def check_backend_name(backend: str, registry: dict[str, Backend] = STEP_BACKENDS) -> str:
+def check_backend_name(backend: str, registry: Registry = STEP_BACKENDS) -> str:
     if backend != "auto" and backend not in registry:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, registry))}, got {backend!r}")
     return backend
 
 
-def select(registry: dict[str, Backend], backend: str, device: torch.device, dtype: torch.dtype | None = None,
+def select(registry: Registry, backend: str, device: torch.device, dtype: torch.dtype | None = None,
            contiguous: bool = True) -> Backend:
     """The backend of ``registry`` that runs on tensors of ``device``/``dtype``; raises with the reason if an
-    explicit one cannot. "auto" takes the first in AUTO_ORDER that can (the reference always can)."""
+    explicit one cannot. "auto" takes the first in the registry's auto order that can (the reference always can)."""
     if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ("torch",)):
+        for name in registry.auto_order.get(device.type, ("torch",)):
             if registry[name].unavailable_reason(device.type, dtype, contiguous) is None:
                 return registry[name]
         raise AssertionError("the torch backend is always available")
     chosen = registry[check_backend_name(backend, registry)]
     reason = chosen.unavailable_reason(device.type, dtype, contiguous)
     if reason is not None:
-        raise RuntimeError(f"{_FAMILY.get(id(registry), '')}backend {backend!r} cannot run on {device}"
+        raise RuntimeError(f"{registry.family}backend {backend!r} cannot run on {device}"
                            f"{'' if dtype is None else f' with {dtype} tensors'}: {reason}")
     return chosen
 
 
-def _describe(registry: dict[str, Backend]) -> dict[str, dict]:
+def _describe(registry: Registry) -> dict[str, dict]:
     info: dict[str, dict] = {}
     for name, b in registry.items():
         reason = b.unavailable_reason()
         info[name] = {"available": reason is None, "reason": reason, "device_types": b.device_types or "any",
                       "dtypes": [str(d).removeprefix("torch.") for d in b.dtypes] if b.dtypes else "any",
                       "description": b.description}
-    info["auto"] = {dev: select(registry, "auto", torch.device(dev)).name for dev in AUTO_ORDER}
+    info["auto"] = {dev: select(registry, "auto", torch.device(dev)).name for dev in registry.auto_order}
+    info["auto_why"] = dict(registry.auto_why)
     return info
 
 

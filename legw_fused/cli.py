@@ -22,13 +22,14 @@ def _info(_args) -> int:
           f"CUDA sources {'compiled' if ext['with_cuda'] else 'not compiled'}; ops: {ext['ops']}")
     lstm = info.pop("lstm")
     for title, table in (("backend", info), ("LSTM", lstm)):
-        auto = table.pop("auto")
+        auto, why = table.pop("auto"), table.pop("auto_why")
         print(f"\n{title:<8}{'devices':<9}{'available':<11}why not / what")
         for name, row in table.items():
             devices = row["device_types"] if isinstance(row["device_types"], str) else "/".join(row["device_types"])
             available = "yes" if row["available"] else "no"
             print(f"{name:<8}{devices:<9}{available:<11}{row['reason'] or row['description']}")
-        print("auto picks: " + ", ".join(f"{dev} -> {name}" for dev, name in auto.items()))
+        print("auto picks: " + ", ".join(f"{dev} -> {name}" + (f" ({why[dev]})" if dev in why else "")
+                                         for dev, name in auto.items()))
     return 0
 
 

@@ -126,3 +126,18 @@ def triton_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, 
                  b_hh: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction, on the Triton kernels (lstm_reference.layer's signature)."""
     return _TritonLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+
+
+def native_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+                 b_hh: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer, one direction, on torch's own LSTM kernel (torch._VF.lstm: oneDNN/MKL on CPU, cuDNN on GPUs), with
+    its autograd (lstm_reference.layer's signature). The reverse direction runs the flipped sequence."""
+    if (b_ih is None) != (b_hh is None):  # torch's kernel takes both biases or none
+        b_ih = torch.zeros_like(b_hh) if b_ih is None else b_ih
+        b_hh = torch.zeros_like(b_ih) if b_hh is None else b_hh
+    weights = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
+    seq = x.flip(0) if reverse else x
+    # train=True only where a backward may follow: cuDNN then keeps its reserve space (dropout is 0 here anyway).
+    out, h_n, c_n = torch._VF.lstm(seq, (h0[None], c0[None]), weights, b_ih is not None, 1, 0.0,
+                                   torch.is_grad_enabled(), False, False)
+    return (out.flip(0) if reverse else out), h_n[0], c_n[0]

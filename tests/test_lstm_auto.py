@@ -1,0 +1,72 @@
+"""The "native" LSTM backend (torch's own kernel) and the CPU rule by which "auto" chooses between it and the C++
+layer: the oracle is torch.nn.LSTM itself."""
+
+import pytest
+import torch
+
+import legw_fused
+from _helpers import LSTM_TOL, assert_close_scaled
+from legw_fused import backends
+
+
+def _pair(**kwargs):
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(5, 7, **kwargs)
+    ours = legw_fused.LSTM(5, 7, backend="native", **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def test_native_backend_is_torchs_own_lstm_bit_for_bit():
+    ours, ref = _pair(num_layers=2)
+    x = torch.randn(6, 3, 5, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, (h, c) = ours(x)
+    out_ref, (h_ref, c_ref) = ref(x_ref)
+    for a, b in ((out, out_ref), (h, h_ref), (c, c_ref)):
+        assert torch.equal(a, b)
+    (out.sum() + c.sum()).backward()
+    (out_ref.sum() + c_ref.sum()).backward()
+    assert torch.equal(x.grad, x_ref.grad)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_native_backend_reverse_direction_by_flipping():
+    """Bidirectional: the reverse direction runs torch's kernel on the flipped sequence."""
+    ours, ref = _pair(bidirectional=True, batch_first=True)
+    x = torch.randn(3, 6, 5, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, (h, c) = ours(x)
+    out_ref, (h_ref, c_ref) = ref(x_ref)
+    fwd_tol, grad_tol = LSTM_TOL[torch.float32]
+    for name, a, b in (("out", out, out_ref), ("h", h, h_ref), ("c", c, c_ref)):
+        assert_close_scaled(name, a, b, fwd_tol)
+    out.pow(2).sum().backward()
+    out_ref.pow(2).sum().backward()
+    assert_close_scaled("dx", x.grad, x_ref.grad, grad_tol)
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert_close_scaled(name, p.grad, q.grad, grad_tol)
+
+
+@pytest.mark.parametrize("capability, first", [("AVX512", "native"), ("AVX512_VNNI", "native"), ("AVX2", "cpp"),
+                                               ("DEFAULT", "cpp")])
+def test_cpu_auto_rule_by_aten_capability(monkeypatch, capability, first):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    order, why = backends._lstm_cpu_auto()
+    assert order[0] == first and order[-1] == "torch" and set(order) == {"native", "cpp", "torch"}
+    assert capability in why
+
+
+def test_auto_on_this_cpu_follows_the_rule_and_says_why():
+    order, why = backends._lstm_cpu_auto()
+    assert backends.LSTM_BACKENDS.auto_order["cpu"] == order
+    chosen = backends.select(backends.LSTM_BACKENDS, "auto", torch.device("cpu"), torch.float32)
+    available = [n for n in order if backends.LSTM_BACKENDS[n].unavailable_reason("cpu", torch.float32) is None]
+    assert chosen.name == available[0]
+    info = legw_fused.backend_info()["lstm"]
+    assert info["auto"]["cpu"] == chosen.name and info["auto_why"]["cpu"] == why
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not capability.startswith("AVX512"):
+        print(f"this CPU dispatches ATen to {capability}: the AVX-512 branch of the rule is covered by "
+              f"test_cpu_auto_rule_by_aten_capability only")

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
+from test_train import PNG_MAGIC, needs_mnist
 
 from legw_fused.cli import main
 from legw_fused.train.loop import DIVERGENCE_FACTOR, divergence
-from test_train import PNG_MAGIC, needs_mnist
 
 
 def test_divergence_rule():

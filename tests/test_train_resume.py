@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import torch
+from test_train import needs_mnist
 
 from legw_fused.cli import main
 from legw_fused.train.checkpoint import checkpoint_path
-from test_train import needs_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 # 512 images: batch 128 takes 4 steps per epoch, batch 256 two; 2 schemes x 2 batch sizes x 2 seeds, 3 epochs.

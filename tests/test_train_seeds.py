@@ -8,10 +8,10 @@ import statistics
 
 import matplotlib.axes
 import pytest
-
-from legw_fused.cli import main
 from test_train import PNG_MAGIC, needs_mnist
 from test_train_resume import _timeless
+
+from legw_fused.cli import main
 
 TINY = ["train", "mnist", "--train-items", "256", "--eval-items", "100", "--batch-sizes", "128", "--schemes", "legw",
         "--epochs", "1", "--quiet", "--device", "cpu"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_write_text", "save_checkpoint", "load_checkpoint", "checkpoint_path", "CHECKPOINT_DIR"]
+__all__ = ["CHECKPOINT_DIR", "atomic_write_text", "checkpoint_path", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_DIR = "checkpoints"  # under OUT/TASK/; removed once every training's result is recorded
 

@@ -33,8 +33,8 @@ from ..schedule import LEGW
 from .checkpoint import load_checkpoint, save_checkpoint
 from .tasks import BASE_BATCH, Baseline
 
-__all__ = ["SCHEMES", "make_schedule", "run_one", "make_sampler", "prepare_model", "TARGET_SLACK",
-           "DIVERGENCE_FACTOR", "divergence"]
+__all__ = ["DIVERGENCE_FACTOR", "SCHEMES", "TARGET_SLACK", "divergence", "make_sampler", "make_schedule",
+           "prepare_model", "run_one"]
 
 # scheme -> (LEGW scaling, LEGW warmup_scaling)
 SCHEMES = {"legw": ("sqrt", "linear"), "linear-goyal": ("linear", "constant"),

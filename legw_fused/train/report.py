@@ -11,7 +11,7 @@ import json
 import math
 import statistics
 
-__all__ = ["format_table", "to_json", "plot_all", "summarize", "PLOTS"]
+__all__ = ["PLOTS", "format_table", "plot_all", "summarize", "to_json"]
 
 PLOTS = ("metric_vs_batch.png", "lr_schedules.png", "training_curves.png")
 _LABEL = {"accuracy": "test accuracy", "bpc": "test bits per character"}

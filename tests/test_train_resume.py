@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+import torch.distributed as dist
 from test_train import needs_mnist
 
 from legw_fused.cli import main
@@ -58,9 +61,9 @@ def _timeless(results: dict) -> dict:
     return {**{k: v for k, v in results.items() if k not in drop}, "runs": runs, "cells": cells}
 
 
-def _kill_mid_training(out: Path, marker: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", BLOCKER, str(BLOCK_AT), str(marker), *SWEEP, "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _kill_mid_training(out: Path, marker: Path, sweep=SWEEP, env=None) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKER, str(BLOCK_AT), str(marker), *sweep, "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 300
     while not marker.exists():
         assert proc.poll() is None, f"the sweep ended before it was killed: {proc.stderr.read().decode()[-3000:]}"
@@ -138,3 +141,39 @@ def test_resume_of_results_without_options_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--resume:" in err and "no record of its options" in err
     assert json.loads((tmp_path / "mnist" / "results.json").read_text()) == old
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """The environment torchrun gives a 1-rank job (gloo on CPU); the process group is gone afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    yield {**os.environ, **env}
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@needs_mnist
+@pytest.mark.parametrize("mode,optimizer", [("ddp", "sgd"), ("fsdp", "lars")])
+def test_distributed_sweep_resumes_from_its_shards(tmp_path, capsys, one_rank_group, mode, optimizer):
+    """Under --distributed the model and optimizer (FSDP: DTensor shards) go through torch.distributed.checkpoint;
+    killed and resumed, the sweep ends as an uninterrupted one (1 rank here; the sharded path is the same)."""
+    sweep = ["train", "mnist", "--train-items", "512", "--eval-items", "200", "--batch-sizes", "128", "256",
+             "--schemes", "legw", "--epochs", "3", "--quiet", "--device", "cpu", "--distributed", mode,
+             "--optimizer", optimizer]
+    killed = tmp_path / "killed"
+    _kill_mid_training(killed, tmp_path / "blocked", sweep, one_rank_group)  # the same 16th loss as above
+    ckpt_file = checkpoint_path(killed / "mnist", "legw", 256, 0)
+    ckpt = torch.load(ckpt_file, weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["shards"] == "legw-B256-seed0-epoch1"
+    assert (ckpt_file.parent / ckpt["shards"] / ".metadata").exists()
+    assert main([*sweep, "--out", str(killed), "--resume"]) == 0
+    assert main([*sweep, "--out", str(tmp_path / "whole")]) == 0
+    resumed, whole = (json.loads((tmp_path / d / "mnist" / "results.json").read_text()) for d in ("killed", "whole"))
+    assert resumed["resumes"] == 1 and _timeless(resumed) == _timeless(whole)
+    assert not (killed / "mnist" / "checkpoints").exists()
+    capsys.readouterr()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__, backends
-from .checkpoint import CHECKPOINT_DIR, atomic_write_text, checkpoint_path
+from .checkpoint import CHECKPOINT_DIR, atomic_write_text, checkpoint_path, remove_checkpoint
 from .loop import SCHEMES, add_time_to_target, run_one
 from .report import format_table, plot_all, summarize, to_json
 from .tasks import BASE_BATCH, TASKS, Baseline
@@ -215,9 +215,7 @@ def _print_header(say, sweep: Sweep, task, world: int, previous: dict | None) ->
         f"seed{'s' if len(sweep.seeds) > 1 else ''} {', '.join(map(str, sweep.seeds))}"
         + (f"; gradients accumulated over micro-batches of {sweep.micro_batch}" if sweep.micro_batch else ""))
     if previous is not None:
-        say(f"  resuming: {len(previous['runs'])} of {len(sweep.trainings())} trainings done"
-            + ("; under --distributed an interrupted training starts again from its first epoch"
-               if sweep.distributed else ""))
+        say(f"  resuming: {len(previous['runs'])} of {len(sweep.trainings())} trainings done")
 
 
 def _train_all(sweep: Sweep, task, out_dir: Path, record, quiet: bool) -> list[dict]:
@@ -227,8 +225,7 @@ def _train_all(sweep: Sweep, task, out_dir: Path, record, quiet: bool) -> list[d
     for scheme, batch, seed in sweep.trainings():
         if (scheme, batch, seed) in done:
             continue
-        # Single process only: a rank's checkpoint would hold its shard or replica, not a training to continue.
-        checkpoint = None if sweep.distributed else checkpoint_path(out_dir, scheme, batch, seed)
+        checkpoint = checkpoint_path(out_dir, scheme, batch, seed)
         base = next((r for r in runs if r["batch"] == batch == BASE_BATCH and r["seed"] == seed), None)
         if base is not None:
             # At k = 1 every scheme is the baseline itself; train it once and list it under each scheme.
@@ -242,8 +239,8 @@ def _train_all(sweep: Sweep, task, out_dir: Path, record, quiet: bool) -> list[d
                       + (f"diverged at epoch {r['diverged']['epoch']}" if r["diverged"] else f"{r['test']:.4f}")
                       + f" in {r['train_seconds']:.1f} s", file=sys.stderr)
         record(runs, complete=False)
-        if checkpoint is not None:
-            checkpoint.unlink(missing_ok=True)  # its result is recorded
+        if record.enabled:
+            remove_checkpoint(checkpoint)  # its result is recorded
     return runs
 
 

@@ -4,16 +4,20 @@ Every file is written to a temporary name beside its target and moved over it wi
 POSIX and Windows), so a process killed at any moment leaves either the old file or the new one, never half of
 one. A checkpoint is a plain dict of tensors, numbers, strings and lists: ``torch.load(weights_only=True)`` reads it
 (the optimizer's LEGW schedule is stored as ``{"legw": {...}}`` by its own state_dict).
+Under torch.distributed the model and optimizer are saved by torch.distributed.checkpoint (DCP), each rank its own
+shards, into a folder beside the checkpoint file; the file, written last, names the folder.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
-__all__ = ["CHECKPOINT_DIR", "atomic_write_text", "checkpoint_path", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_DIR", "atomic_write_text", "checkpoint_path", "load_checkpoint", "load_shards",
+           "remove_checkpoint", "save_checkpoint", "save_shards"]
 
 CHECKPOINT_DIR = "checkpoints"  # under OUT/TASK/; removed once every training's result is recorded
 
@@ -43,3 +47,37 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _shards_folders(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.stem}-epoch*"))
+
+
+def save_shards(model, opt, path: Path, epoch: int) -> Path:
+    """Every rank's shards of ``model`` and ``opt`` into a new folder beside ``path``; returns the folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    folder = path.with_name(f"{path.stem}-epoch{epoch}")
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
+    return folder
+
+
+def load_shards(model, opt, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def remove_checkpoint(path: Path, keep: Path | None = None) -> None:
+    """Delete a training's checkpoint file and its shard folders (but ``keep``)."""
+    for folder in _shards_folders(path):
+        if folder != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    if keep is None:
+        path.unlink(missing_ok=True)

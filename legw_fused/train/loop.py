@@ -30,7 +30,7 @@ from ..lstm import LSTM
 from ..lstm_backends import select_lstm_backend
 from ..optim import LARS, SGD, param_groups
 from ..schedule import LEGW
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_shards, remove_checkpoint, save_checkpoint, save_shards
 from .tasks import BASE_BATCH, Baseline
 
 __all__ = ["DIVERGENCE_FACTOR", "SCHEMES", "TARGET_SLACK", "divergence", "make_sampler", "make_schedule",
@@ -166,18 +166,35 @@ def divergence(train_loss: float, start_loss: float) -> str | None:
     return None
 
 
-def checkpoint_state(tr: Training) -> dict:
-    """Everything the next epoch depends on, as plain values and tensors (loadable with weights_only=True)."""
-    return {"epoch": tr.epoch, "step": tr.step, "train_seconds": tr.train_seconds, "start_loss": tr.start_loss,
-            "history": tr.history, "model": tr.model.state_dict(), "optimizer": tr.opt.state_dict(),
-            "sampler_rng": tr.sampler.generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+def save_training(tr: Training, checkpoint: Path, distributed: str | None) -> None:
+    """Everything the next epoch depends on, as plain values and tensors (loadable with weights_only=True).
+
+    Under torch.distributed the model and optimizer go to torch.distributed.checkpoint (every rank writes its own
+    shards into a new folder); then rank 0 writes ``checkpoint``, naming that folder, which makes the epoch's
+    checkpoint the current one in one atomic step."""
+    state = {"epoch": tr.epoch, "step": tr.step, "train_seconds": tr.train_seconds, "start_loss": tr.start_loss,
+             "history": tr.history, "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+    if not distributed:
+        save_checkpoint({**state, "model": tr.model.state_dict(), "optimizer": tr.opt.state_dict(),
+                         "sampler_rng": tr.sampler.generator.get_state()}, checkpoint)
+        return
+    # A DistributedSampler's order is a function of its seed and set_epoch: nothing to save for it.
+    shards = save_shards(tr.model, tr.opt, checkpoint, tr.epoch)
+    if dist.get_rank() == 0:
+        save_checkpoint({**state, "shards": shards.name}, checkpoint)
+        remove_checkpoint(checkpoint, keep=shards)
+    dist.barrier()  # no rank goes on before the checkpoint is complete
 
 
-def restore(tr: Training, state: dict) -> None:
-    tr.model.load_state_dict(state["model"])
-    tr.opt.load_state_dict(state["optimizer"])
-    tr.sampler.generator.set_state(state["sampler_rng"])
+def restore_training(tr: Training, checkpoint: Path, distributed: str | None) -> None:
+    state = load_checkpoint(checkpoint)
+    if distributed:
+        load_shards(tr.model, tr.opt, checkpoint.parent / state["shards"])
+    else:
+        tr.model.load_state_dict(state["model"])
+        tr.opt.load_state_dict(state["optimizer"])
+        tr.sampler.generator.set_state(state["sampler_rng"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -196,10 +213,11 @@ def run_one(task, baseline: Baseline, scheme: str, batch: int, epochs: int, opti
     before the one optimizer step (the same update; less memory, and on a CPU the LSTM's per-step tensors of a
     small chunk stay in cache: large batches run several times faster per sample).
     ``checkpoint``: a file the training is saved to at the end of every epoch but the last, and continued from
-    if it exists (single process only)."""
+    if it exists (under torch.distributed: with its model and optimizer shards in folders beside it, on a file
+    system every rank shares)."""
     tr = build_training(task, baseline, scheme, batch, epochs, optimizer, seed, device, distributed)
     if checkpoint is not None and checkpoint.exists():
-        restore(tr, load_checkpoint(checkpoint))
+        restore_training(tr, checkpoint, distributed)
     bar = tqdm(total=tr.schedule.total_steps, initial=tr.step, desc=f"{scheme} B={batch} seed {seed}",
                disable=quiet, leave=False, unit="step")
     while tr.epoch < epochs and tr.diverged is None:
@@ -214,7 +232,7 @@ def run_one(task, baseline: Baseline, scheme: str, batch: int, epochs: int, opti
         if reason:
             tr.diverged = {"epoch": tr.epoch, "reason": reason}  # the remaining epochs would only cost time
         elif checkpoint is not None and tr.epoch < epochs:
-            save_checkpoint(checkpoint_state(tr), checkpoint)
+            save_training(tr, checkpoint, distributed)
     bar.close()
     return result(tr, task, scheme, batch, seed, epochs)
 

@@ -180,7 +180,10 @@ def _on_rank0(fn, distributed: str | None):
 def _previous_sweep(out_dir: Path, sweep: Sweep, resume: bool) -> dict | None:
     """The record of the sweep to continue (None: start afresh, with no checkpoint left from an earlier one)."""
     path = out_dir / "results.json"
-    saved = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    except ValueError as exc:
+        raise ValueError(f"--out: {path} is not a results file ({exc}); remove it, or choose another --out") from None
     # results.json without "complete" predates resumable sweeps and was written only once the sweep had finished.
     if saved is not None and not saved.get("complete", True) and not resume:
         total = len(saved["schemes"]) * len(saved["batch_sizes"]) * len(saved["seeds"])

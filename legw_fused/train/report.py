@@ -121,8 +121,9 @@ def _plot_metric(plt, results: dict, title: str, path):
     for i, s in enumerate(dict.fromkeys(c["scheme"] for c in results["cells"])):
         cells = sorted((c for c in results["cells"] if c["scheme"] == s), key=lambda c: c["batch"])
         pts = [c for c in cells if c["test"]["n"]]
-        ax.errorbar([c["batch"] for c in pts], [c["test"]["mean"] for c in pts],
-                    yerr=[c["test"]["std"] or 0.0 for c in pts], marker="o", capsize=3, color=f"C{i}", label=s)
+        if pts:
+            ax.errorbar([c["batch"] for c in pts], [c["test"]["mean"] for c in pts],
+                        yerr=[c["test"]["std"] or 0.0 for c in pts], marker="o", capsize=3, color=f"C{i}", label=s)
         lost = [c["batch"] for c in cells if not c["test"]["n"] and c["diverged"]]
         if lost:
             ax.plot(lost, [0.02] * len(lost), "x", color=f"C{i}", markersize=9, transform=ax.get_xaxis_transform(),

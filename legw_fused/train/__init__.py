@@ -2,6 +2,8 @@
 
 One baseline per task and optimizer, tuned once at B0 = 128 (tasks.py), scaled to every other batch size by the
 chosen schemes (loop.py) with no re-tuning; results.json, a table and PNG plots go to the output folder (report.py).
+A sweep is a list of trainings (scheme, batch size, seed); results.json records each one as it finishes and
+checkpoint.py keeps the running one, so a killed sweep resumes where it stopped.
 """
 
 from __future__ import annotations

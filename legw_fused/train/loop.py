@@ -5,7 +5,8 @@ Schemes map onto LEGW's two knobs (peak LR scaling with k = B / B0, warmup lengt
 - ``linear-goyal``:  LR x k, constant warmup epochs (Goyal et al.);
 - ``sqrt-constant``: LR x sqrt(k), constant warmup epochs;
 - ``none``:          the baseline's LR and warmup epochs unchanged.
-Every run trains the same number of epochs, so a larger batch takes k times fewer steps.
+Every run trains the same number of epochs, so a larger batch takes k times fewer steps, unless it diverges
+(``divergence``): then it stops after that epoch. A run is checkpointed at each epoch end and continues from it.
 
 Where distributed training slots in: ``make_sampler`` returns a plain ``torch.utils.data.Sampler`` over the
 training items (a ``DistributedSampler`` fits, ``set_epoch`` is called on it); ``prepare_model`` is the one place

@@ -90,8 +90,9 @@ def _train(args) -> int:
     run(args.task, preset="full" if args.full else "quick", batch_sizes=args.batch_sizes, schemes=args.schemes,
         epochs=args.epochs, train_items=args.train_items, eval_items=args.eval_items, optimizer=args.optimizer,
         base_lr=args.base_lr, base_warmup_epochs=args.base_warmup_epochs,
-        micro_batch=args.micro_batch or "auto", device=args.device, seed=args.seed, out=args.out, quiet=args.quiet,
-        argv=args.argv, distributed=args.distributed)
+        micro_batch=args.micro_batch or "auto", device=args.device,
+        seeds=args.seeds if args.seeds is not None else [args.seed], out=args.out, resume=args.resume,
+        quiet=args.quiet, argv=args.argv, distributed=args.distributed)
     return 0
 
 
@@ -164,11 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute each batch in chunks of N items, accumulating gradients (the same update); default "
                         "256 on a CPU (faster per sample there), whole batches on a GPU")
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    t.add_argument("--seed", type=int, default=0)
+    seeds = t.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="the seed of initial weights and data order (default 0)")
+    seeds.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                       help="train every (scheme, batch size) once per seed; the table gives mean ± standard "
+                            "deviation over them, the metric plot error bars")
     t.add_argument("--distributed", choices=["ddp", "fsdp"],
                    help="under torchrun: DDP or FSDP2 over all ranks (gloo on CPU, NCCL on GPUs); --batch-sizes are "
                         "global batches, each rank computes batch / world size of them")
     t.add_argument("--out", default="results", help="output folder (results go to OUT/TASK/)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the sweep in OUT/TASK/ where it stopped (repeat its options): finished trainings "
+                        "are kept, an interrupted one continues from its last epoch's checkpoint; without --resume "
+                        "an unfinished sweep there is an error, a finished one is replaced")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
 

@@ -95,3 +95,15 @@ def test_schedule_plot_writes_a_png(tmp_path, capsys):
                  "--base-warmup-epochs", "0.25", "--steps-per-epoch", "10", "--epochs", "3", "--plot", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(path) in capsys.readouterr().err
+
+
+def test_study64_script_parses_and_refuses_unknown_stages():
+    """experiments/study64.sh (the 64x study, resumable across sessions): valid bash, and a typo in a stage name
+    stops it before any training starts."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "study64.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    done = subprocess.run(["bash", str(script), "E"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unknown stage E" in done.stderr

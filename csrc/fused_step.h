@@ -1,7 +1,9 @@
 // The per-element SGD/LARS update and the LARS trust ratio, shared by the CPU and CUDA fused step kernels.
 //
-// Both mirror legw_fused/ops/fused_step_reference.py (the oracle) in fp32: same formulas, same order of operations,
-// so backends differ from the reference only by fp32 rounding (fused multiply-adds, reduction order of the norms).
+// The update mirrors torch.optim.SGD's fp32 arithmetic operation by operation (legw_fused/ops/fused_step_reference.py
+// writes the same formulas out): each torch op rounds once, and `x.add(y, alpha=a)` is computed as a*y + x, fused
+// (one rounding) by torch's AVX2/AVX512 CPU kernels and by CUDA, unfused (a*y rounded first) by its DEFAULT CPU
+// kernels. kFused picks the same, so the fp32 results are torch's bit for bit on the ISA torch runs on.
 #pragma once
 
 #include <cmath>
@@ -10,26 +12,56 @@
 
 namespace legw_fused {
 
+// Scalars as torch's ops receive them: Python doubles rounded once to fp32 (so 1 - dampening is rounded after the
+// subtraction, in double).
 struct StepConfig {
   float momentum;
-  float dampening;
+  float one_minus_dampening;  // the weight of d in the momentum update
   float weight_decay;
   bool nesterov;
   bool maximize;    // step up the gradient: d starts from -g, as torch.optim.SGD(maximize=True)
   bool first_step;  // momentum buffers hold no history yet: buf = d, as torch.optim.SGD's first step
 };
 
-// One element (g negated first when maximize): d = r*(g + wd*p); buf = first ? d : m*buf + (1 - dampening)*d; d =
-// nesterov ? d + m*buf : buf; p = p - lr*d. `r` is the tensor's LARS trust ratio (1 without LARS); `buf` is ignored
-// when momentum == 0.
+// a*b + c: one rounding with kFused (fmaf), two without. Callers compile the unfused form without floating-point
+// contraction (fused_step.cpp: fp-contract=off), or it would silently become an fma on FMA targets.
+template <bool kFused>
+LEGW_HOST_DEVICE float madd(float a, float b, float c) {
+  if constexpr (kFused) {
+    return fmaf(a, b, c);
+  } else {
+    return a * b + c;
+  }
+}
+
+// One element, in torch.optim.SGD's op order (g negated first when maximize; wd = weight_decay, m = momentum):
+// d = r*(g + wd*p); buf = first ? d : (buf*m) + (1 - dampening)*d; d = nesterov ? d + m*buf : buf; p = p - lr*d.
+// `r` is the tensor's LARS trust ratio (1 without LARS: exact); `buf` is ignored when momentum == 0.
+template <bool kFused>
 LEGW_HOST_DEVICE void update_element(float& p, float g, float& buf, float lr, float r, const StepConfig& c) {
   if (c.maximize) g = -g;
-  float d = (g + c.weight_decay * p) * r;
+  float d = c.weight_decay != 0.f ? madd<kFused>(c.weight_decay, p, g) : g;  // torch skips the op at wd = 0
+  d = d * r;
   if (c.momentum != 0.f) {
-    buf = c.first_step ? d : buf * c.momentum + (1.f - c.dampening) * d;
-    d = c.nesterov ? d + c.momentum * buf : buf;
+    buf = c.first_step ? d : madd<kFused>(c.one_minus_dampening, d, buf * c.momentum);
+    d = c.nesterov ? madd<kFused>(c.momentum, buf, d) : buf;
   }
-  p = p - lr * d;
+  p = madd<kFused>(-lr, d, p);
+}
+
+// One stored element: param p (dtype P; with kMaster only written, the update running on the fp32 master), grad g
+// (times inv_scale, GradScaler's unscale), momentum buffer buf (dtype B, only with kMomentum). Returns the value the
+// |p|^2 cache squares: the master, or the param as stored.
+template <bool kFused, bool kMomentum, bool kMaster, typename P, typename B>
+LEGW_HOST_DEVICE float update_one(P& p, P g, B& buf, float& master, float lr, float r, float inv_scale,
+                                  const StepConfig& c) {
+  float x = kMaster ? master : static_cast<float>(p);
+  float b = (kMomentum && !c.first_step) ? static_cast<float>(buf) : 0.f;
+  update_element<kFused>(x, static_cast<float>(g) * inv_scale, b, lr, r, c);
+  if constexpr (kMaster) master = x;
+  p = static_cast<P>(x);
+  if constexpr (kMomentum) buf = static_cast<B>(b);
+  return kMaster ? x : static_cast<float>(p);
 }
 
 // LARS: tc*|p| / (|g| + wd*|p| + eps) where both norms are > 0, else 1, at most max_ratio (+inf: no clamp); with

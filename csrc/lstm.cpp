@@ -18,6 +18,7 @@
 
 #include <tuple>
 
+#include "cpu_isa.h"
 #include "lstm.h"
 
 namespace legw_fused {
@@ -35,8 +36,7 @@ namespace base {
 
 // The same loops for CPUs with AVX2 + FMA (8-wide instead of SSE2's 4-wide; the build targets baseline x86-64 so
 // that the wheel runs anywhere). The polynomial exp in lstm.h is what makes these loops vectorisable at all.
-#if defined(__GNUC__) && defined(__x86_64__)
-#define LEGW_FUSED_AVX2 1
+#ifdef LEGW_FUSED_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -45,20 +45,11 @@ namespace avx2 {
 #pragma GCC pop_options
 #endif
 
-bool has_avx2() {
-#ifdef LEGW_FUSED_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 
 void pointwise_fwd_cpu(at::Tensor& a, const at::Tensor& bias, const at::Tensor& c_prev, at::Tensor& c, at::Tensor& h) {
   const int64_t B = a.size(0), H = c.size(1);
-  const bool wide = has_avx2();
+  const bool wide = cpu_has_avx2_fma();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "lstm_pointwise_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* ap = a.data_ptr<scalar_t>();
@@ -78,7 +69,7 @@ void pointwise_fwd_cpu(at::Tensor& a, const at::Tensor& bias, const at::Tensor& 
 void pointwise_bwd_cpu(const at::Tensor& act, const at::Tensor& c_prev, const at::Tensor& c, const at::Tensor& dout,
                        const at::Tensor& dh_rec, at::Tensor& dc, at::Tensor& da) {
   const int64_t B = act.size(0), H = c.size(1);
-  const bool wide = has_avx2();
+  const bool wide = cpu_has_avx2_fma();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, act.scalar_type(), "lstm_pointwise_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* ap = act.data_ptr<scalar_t>();

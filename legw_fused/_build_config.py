@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"  # sm_80 SASS runs on every Ampere; PTX lets newer GPUs JIT the Hopper code.
+# csrc/cuda/fused_step.cu passes its launch metadata as kernel parameters of 24,720 bytes; nvcc accepts parameters
+# over 4 KB from 12.1 on.
+MIN_NVCC = (12, 1)
 
 
 class BuildConfigError(RuntimeError):
@@ -59,6 +63,17 @@ def find_cuda_toolkit() -> tuple[str | None, str]:
     return None, "no nvcc on PATH and no CUDA_HOME / CUDA_PATH / /usr/local/cuda toolkit"
 
 
+def nvcc_version(home: str) -> tuple[int, int] | None:
+    """The release of the toolkit's nvcc, e.g. (13, 0); None when it cannot be run or does not say."""
+    try:
+        out = subprocess.run([str(Path(home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out.stdout + out.stderr)
+    return (int(found[1]), int(found[2])) if found else None
+
+
 def cuda_decision(torch_cuda_version: str | None) -> tuple[bool, str | None, str]:
     """(build CUDA sources?, toolkit folder, reason)."""
     if _flag("LEGW_FUSED_SKIP_CUDA_BUILD"):
@@ -68,9 +83,14 @@ def cuda_decision(torch_cuda_version: str | None) -> tuple[bool, str | None, str
         reason = "the installed torch is a CPU-only build (torch.version.cuda is None)"
     else:
         home, how = find_cuda_toolkit()
-        if home is not None:
+        version = nvcc_version(home) if home is not None else None
+        if home is None:
+            reason = f"torch is a CUDA {torch_cuda_version} build but no CUDA toolkit was found: {how}"
+        elif version is not None and version < MIN_NVCC:
+            reason = (f"the CUDA toolkit at {home} (found via {how}) has nvcc {version[0]}.{version[1]}; the CUDA "
+                      f"kernels need nvcc >= {MIN_NVCC[0]}.{MIN_NVCC[1]} (kernel parameters over 4 KB)")
+        else:
             return True, home, f"torch CUDA {torch_cuda_version}, toolkit {home} (found via {how})"
-        reason = f"torch is a CUDA {torch_cuda_version} build but no CUDA toolkit was found: {how}"
     if force:
         raise BuildConfigError(f"LEGW_FUSED_FORCE_CUDA_BUILD=1 but the CUDA sources cannot be built: {reason}. "
                                f"Install a CUDA build of torch and a matching toolkit, or set CUDA_HOME to the "

@@ -8,10 +8,17 @@ import pytest
 from legw_fused import _build_config as bc
 
 
-def fake_toolkit(root):
+def fake_toolkit(root, release=None):
+    """A toolkit folder; with `release` ("12.0") its nvcc answers --version as a real one does."""
     (root / "bin").mkdir(parents=True)
     (root / "include").mkdir()
-    (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    nvcc = root / "bin" / "nvcc"
+    if release is None:
+        nvcc.write_text("#!/bin/sh\n")
+    else:
+        nvcc.write_text(f'#!/bin/sh\necho "nvcc: NVIDIA (R) Cuda compiler driver"\n'
+                        f'echo "Cuda compilation tools, release {release}, V{release}.140"\n')
+        nvcc.chmod(nvcc.stat().st_mode | stat.S_IEXEC)
     (root / "include" / "cuda_runtime.h").write_text("")
     return root
 
@@ -63,6 +70,27 @@ def test_toolkit_found_through_an_nvcc_wrapper_script(clean_env, tmp_path):
     clean_env.setenv("PATH", str(wrapper_dir))
     with_cuda, found, reason = bc.cuda_decision("13.0")
     assert with_cuda and found == os.path.normpath(f"{home}/bin/..") and "TOP=" in reason
+
+
+def test_nvcc_older_than_12_1_skips_cuda_sources_and_force_fails(clean_env, tmp_path):
+    # The CUDA step kernel's 24,720-byte parameters need nvcc >= 12.1.
+    old = fake_toolkit(tmp_path / "cuda-12.0", release="12.0")
+    assert bc.nvcc_version(str(old)) == (12, 0)
+    clean_env.setenv("CUDA_HOME", str(old))
+    with_cuda, home, reason = bc.cuda_decision("12.6")
+    assert not with_cuda and home is None
+    assert "nvcc 12.0" in reason and "nvcc >= 12.1" in reason and str(old) in reason
+    clean_env.setenv("LEGW_FUSED_FORCE_CUDA_BUILD", "1")
+    with pytest.raises(bc.BuildConfigError, match=r"nvcc 12\.0; the CUDA kernels need nvcc >= 12\.1"):
+        bc.cuda_decision("12.6")
+
+
+@pytest.mark.parametrize("release", ["12.1", "13.0"])
+def test_nvcc_12_1_and_newer_build_cuda_sources(clean_env, tmp_path, release):
+    home = fake_toolkit(tmp_path / f"cuda-{release}", release=release)
+    clean_env.setenv("CUDA_HOME", str(home))
+    clean_env.setenv("LEGW_FUSED_FORCE_CUDA_BUILD", "1")
+    assert bc.cuda_decision("13.0")[:2] == (True, str(home))
 
 
 def test_no_toolkit_anywhere(clean_env):

@@ -136,6 +136,13 @@ def _base(ptrs, t, TYPE: tl.constexpr, ALIGNED: tl.constexpr):
     return base
 
 
+@triton.jit
+def _splat(x, offs):
+    """Scalar x as a block like offs: masks made from run-time scalars are blocks (the interpreters of triton 3.8
+    and 3.9 mishandle scalar masks; compiled, a splat keeps the 128-bit accesses)."""
+    return tl.zeros_like(offs) + x
+
+
 @triton.jit(do_not_specialize=["with_p"])
 def _sum_squares_kernel(p_ptrs, g_ptrs, m_ptrs, numels, chunk_tensor, chunk_start, partials, scale_ptr, with_p,
                         P_TYPE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
@@ -150,21 +157,20 @@ def _sum_squares_kernel(p_ptrs, g_ptrs, m_ptrs, numels, chunk_tensor, chunk_star
         p_base = _base(m_ptrs, t, tl.float32, ALIGNED)
     else:
         p_base = _base(p_ptrs, t, P_TYPE, ALIGNED)
-    read_p = with_p != 0
     acc_p = tl.zeros([BLOCK], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(start, full_end, BLOCK):  # full blocks, unmasked
         offs = i + tl.arange(0, BLOCK)
         if ALIGNED:
             offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-        p = tl.load(p_base + offs, mask=read_p, other=0.0).to(tl.float32)
+        p = tl.load(p_base + offs, mask=_splat(with_p, offs) != 0, other=0.0).to(tl.float32)
         g = tl.load(g_base + offs).to(tl.float32) * inv
         acc_p += p * p
         acc_g += g * g
     if full_end < end:  # the masked tail
         offs = full_end + tl.arange(0, BLOCK)
         mask = offs < end
-        p = tl.load(p_base + offs, mask=mask & read_p, other=0.0).to(tl.float32)
+        p = tl.load(p_base + offs, mask=mask & (_splat(with_p, offs) != 0), other=0.0).to(tl.float32)
         g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32) * inv
         acc_p += p * p
         acc_g += g * g
@@ -200,8 +206,8 @@ def _trust_ratio_kernel(partials, p_cached, first_chunk, out, n_tensors, step_pt
     for c in range(c0, c1, BLOCK_C):
         idx = c + tl.arange(0, BLOCK_C)
         mask = idx < c1
-        from_cache = tl.load(p_cached + idx, mask=mask & (cached != 0), other=0.0)
-        from_pass = tl.load(partials + 2 * idx, mask=mask & (cached == 0), other=0.0)
+        from_cache = tl.load(p_cached + idx, mask=mask & (_splat(cached, idx) != 0), other=0.0)
+        from_pass = tl.load(partials + 2 * idx, mask=mask & (_splat(cached, idx) == 0), other=0.0)
         acc_p += (from_cache + from_pass).to(tl.float64)  # one of the two is 0
         acc_g += tl.load(partials + 2 * idx + 1, mask=mask, other=0.0).to(tl.float64)
     p_sq = tl.sum(acc_p, axis=0).to(tl.float32)
@@ -215,14 +221,19 @@ def _trust_ratio_kernel(partials, p_cached, first_chunk, out, n_tensors, step_pt
 
 
 @triton.jit
-def _update_block(p_base, g_base, b_base, m_base, offs, mask, write, first, lr, inv, r, momentum, dampening,
+def _update_block(p_base, g_base, b_base, m_base, offs, mask, found, first, lr, inv, r, momentum, dampening,
                   weight_decay, P_TYPE: tl.constexpr, B_TYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                   NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr):
-    """One block of the update (``mask`` None: a full block; ``write``: store, else keep the values): returns the
-    values kept in fp32, as stored (the master where there is one)."""
+    """One block of the update (``mask`` None: a full block; ``found`` != 0: GradScaler found inf/NaN, nothing is
+    written): returns the values kept in fp32, as stored (the master where there is one)."""
     other = 0.0
+    write = _splat(found, offs) == 0
+    read_buf = _splat(first, offs) == 0  # step 1: buf = d, the buffer may be uninitialised
     if mask is None:
         other = None  # loads without a mask
+    else:
+        write = write & mask
+        read_buf = read_buf & mask
     g = tl.load(g_base + offs, mask=mask, other=other).to(tl.float32) * inv
     if MAXIMIZE:
         g = -g
@@ -233,12 +244,7 @@ def _update_block(p_base, g_base, b_base, m_base, offs, mask, write, first, lr, 
     p_old = p
     d = (g + weight_decay * p) * r
     if HAS_MOMENTUM:
-        # The first step starts the buffer at d and does not read it (it may be uninitialised).
-        if mask is None:
-            read = first == 0
-        else:
-            read = mask & (first == 0)
-        prev = tl.load(b_base + offs, mask=read, other=0.0).to(tl.float32)
+        prev = tl.load(b_base + offs, mask=read_buf, other=0.0).to(tl.float32)
         buf = tl.where(first != 0, d, prev * momentum + (1.0 - dampening) * d)
         tl.store(b_base + offs, _cast(buf, B_TYPE), mask=write)
         if NESTEROV:
@@ -270,9 +276,9 @@ def _fused_step_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, numels, chunk_tensor, chu
     when found_inf skips the step, so that the |p|^2 cache stays right)."""
     c = tl.program_id(0)
     t, start, end, full_end = _chunk(c, chunk_tensor, chunk_start, numels, CHUNK, BLOCK)
-    write = True
+    found = 0.0
     if HAS_INF:
-        write = tl.load(found_ptr) == 0  # GradScaler found inf/NaN: write nothing
+        found = tl.load(found_ptr)
     lr = _lr(step_ptr, sched_ptr, sched_len, lr_ptr, lr_value, LR_MODE)
     inv = _inv_scale(scale_ptr, HAS_SCALE)
     r = 1.0
@@ -291,17 +297,15 @@ def _fused_step_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, numels, chunk_tensor, chu
         offs = i + tl.arange(0, BLOCK)
         if ALIGNED:
             offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-        kept = _update_block(p_base, g_base, b_base, m_base, offs, None, write, first, lr, inv, r, momentum,
+        kept = _update_block(p_base, g_base, b_base, m_base, offs, None, found, first, lr, inv, r, momentum,
                              dampening, weight_decay, P_TYPE, B_TYPE, HAS_MOMENTUM, NESTEROV, MAXIMIZE, MASTER)
         if P_SQ:
             acc += kept * kept
     if full_end < end:  # the masked tail
         offs = full_end + tl.arange(0, BLOCK)
         mask = offs < end
-        # where(), not mask & write: the interpreter (3.8) cannot AND a block with a scalar comparison of a float.
-        kept = _update_block(p_base, g_base, b_base, m_base, offs, mask, tl.where(write, mask, False), first, lr,
-                             inv, r, momentum, dampening, weight_decay, P_TYPE, B_TYPE, HAS_MOMENTUM, NESTEROV,
-                             MAXIMIZE, MASTER)
+        kept = _update_block(p_base, g_base, b_base, m_base, offs, mask, found, first, lr, inv, r, momentum,
+                             dampening, weight_decay, P_TYPE, B_TYPE, HAS_MOMENTUM, NESTEROV, MAXIMIZE, MASTER)
         if P_SQ:
             acc += tl.where(mask, kept * kept, 0.0)
     if P_SQ:

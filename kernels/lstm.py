@@ -34,14 +34,15 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # so they fit only at small H. The strategy is chosen before launching, from what the compiled kernels need:
 # PERSISTENT_MAX_BH is the largest BH at which a persistent kernel compiles without spilling and within the block's
 # shared memory, per (compute capability major, direction, dtype), as tests/test_triton_aot.py compiles them for
-# sm_80 and sm_90 (and checks this table, also that the next BH does not fit); on a GPU whose per-block shared
-# memory is below the budget its major was checked against, or of another major, the per-step kernels run.
+# sm_80 and sm_90 (and checks this table); on a GPU whose per-block shared memory is below the budget its major was
+# checked against, or of another major, the per-step kernels run. Register allocation differs between triton
+# versions: the table holds for 3.6 (the GPU machine's) and 3.8 (CI's). At BH 64 the bf16/fp16 backward spills with
+# 3.6, not with 3.8; the fp32 backward at BH 32 spills 8 bytes on sm_90 with 3.8, not with 3.6.
 PERSISTENT_MAX_BH = {
     (8, "fwd", "fp32"): 32, (8, "fwd", "bf16"): 64, (8, "fwd", "fp16"): 64,
-    (8, "bwd", "fp32"): 64, (8, "bwd", "bf16"): 64, (8, "bwd", "fp16"): 64,
+    (8, "bwd", "fp32"): 64, (8, "bwd", "bf16"): 32, (8, "bwd", "fp16"): 32,
     (9, "fwd", "fp32"): 32, (9, "fwd", "bf16"): 64, (9, "fwd", "fp16"): 64,
-    # fp32 backward at BH 32 spills 8 bytes on sm_90 (but not at 64: register allocation is not monotonic in BH).
-    (9, "bwd", "fp32"): 16, (9, "bwd", "bf16"): 64, (9, "bwd", "fp16"): 64,
+    (9, "bwd", "fp32"): 16, (9, "bwd", "bf16"): 32, (9, "bwd", "fp16"): 32,
 }
 PERSISTENT_SHARED_BUDGET = {8: 166912, 9: 232448}  # bytes per block (opt-in): A100 163 KB, H100/H200 227 KB
 # An upper bound on H for the persistent kernels on every device, also in the interpreter (which has no on-chip

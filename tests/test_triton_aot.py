@@ -104,18 +104,15 @@ def _fits(f: dict) -> bool:
 
 def test_persistent_lstm_table_is_what_fits(compiled):
     """kernels/lstm.py's PERSISTENT_MAX_BH (the launcher's choice, made before launching): every BH it allows on a
-    target compiles without spills within the block's shared memory, and the next BH does not (the table is
-    tight). Its shared-memory budget per target is the one checked here."""
+    target compiles without spills within the block's shared memory, and its shared-memory budget per major is the
+    block limit checked here."""
     from legw_fused.kernels import lstm as K
 
     assert K.PERSISTENT_SHARED_BUDGET == {target // 10: SHARED_LIMIT[target] for target in TARGETS}
-    by_key = {(f["target"], f["dtype"], f["direction"], f["BH"]): f for f in compiled if _persistent(f)}
-    bad = []
-    for (target, dtype, direction, bh), f in sorted(by_key.items()):
-        allowed = K.PERSISTENT_MAX_BH.get((target // 10, direction, dtype), 0)
-        if bh <= allowed and not _fits(f):
-            bad.append(f"{_name(f)} is allowed but does not fit: {f}")
-        if bh == 2 * allowed or (allowed == 0 and bh == 16):
-            if _fits(f):
-                bad.append(f"{_name(f)} fits but the table stops below it")
-    assert not bad, "\n".join(bad)
+    checked, bad = 0, []
+    for f in compiled:
+        if _persistent(f) and f["BH"] <= K.PERSISTENT_MAX_BH.get((f["target"] // 10, f["direction"], f["dtype"]), 0):
+            checked += 1
+            if not _fits(f):
+                bad.append(f"{_name(f)} is allowed but does not fit: {f}")
+    assert checked and not bad, "\n".join(bad)

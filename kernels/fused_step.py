@@ -31,9 +31,18 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # The chunk is also the layout of the |p|^2 cache (param_sq); legw_fused.ops.fused_step.TRITON_PARAM_SQ_CHUNK states
 # the same rule.
 PARAM_SQ_CHUNK, BLOCK = (16384, 4096) if INTERPRETED else (65536, 1024)
+TRUST_RATIO_BLOCK = 128  # chunk partials per iteration of the ratio kernel
 
 _TL_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 LR_FLOAT, LR_TENSOR, LR_SCHEDULE = 0, 1, 2
+# Positions in the packed LEGW schedule (legw_fused.schedule.PACKED_SLOTS, then the milestone steps; a test checks).
+SLOT_DECAY, SLOT_PEAK_LR, SLOT_END_LR, SLOT_WARMUP_STEPS, SLOT_TOTAL_STEPS, SLOT_STEPS_PER_EPOCH, SLOT_POWER, \
+    SLOT_GAMMA, SLOT_NUM_MILESTONES, SLOT_MILESTONES = (tl.constexpr(i) for i in range(10))
+# Bytes of one 128-bit global access: the update kernels' vector width when every tensor of a call is aligned to it.
+VECTOR_BYTES = tl.constexpr(16)
+# Flags that change between the first and the second step (first_step; param_sq_cached, and with_p = not cached) are
+# run-time integers that Triton must not specialise on (it would on a value of 1: do_not_specialize), so that a CUDA
+# graph captured after one warm-up step replays the compiled variants the warm-up ran.
 
 
 @triton.jit
@@ -65,21 +74,21 @@ def _pow(x, y):
 def _legw_lr(step, sched_ptr, sched_len):
     """LEGW.lr(step) from the packed schedule (layout: legw_fused.schedule.PACKED_SLOTS), in fp64."""
     t = step.to(tl.float64)
-    decay = tl.load(sched_ptr + 0)
-    peak = tl.load(sched_ptr + 1)
-    end = tl.load(sched_ptr + 2)
-    W = tl.load(sched_ptr + 3)
-    T = tl.load(sched_ptr + 4)
-    steps_per_epoch = tl.load(sched_ptr + 5)
-    power = tl.load(sched_ptr + 6)
-    gamma = tl.load(sched_ptr + 7)
+    decay = tl.load(sched_ptr + SLOT_DECAY)
+    peak = tl.load(sched_ptr + SLOT_PEAK_LR)
+    end = tl.load(sched_ptr + SLOT_END_LR)
+    W = tl.load(sched_ptr + SLOT_WARMUP_STEPS)
+    T = tl.load(sched_ptr + SLOT_TOTAL_STEPS)
+    steps_per_epoch = tl.load(sched_ptr + SLOT_STEPS_PER_EPOCH)
+    power = tl.load(sched_ptr + SLOT_POWER)
+    gamma = tl.load(sched_ptr + SLOT_GAMMA)
     s = tl.where(T > W, tl.minimum((t - W) / tl.maximum(T - W, 1.0), 1.0), 1.0)
     since = tl.maximum(t - W, 0.0)
     # Milestones are read up to the tensor's end, whatever the header claims.
-    n_milestones = tl.minimum(tl.load(sched_ptr + 8).to(tl.int32), sched_len - 9)
+    n_milestones = tl.minimum(tl.load(sched_ptr + SLOT_NUM_MILESTONES).to(tl.int32), sched_len - SLOT_MILESTONES)
     passed = t * 0.0
     for i in range(0, n_milestones):
-        passed += tl.where(t >= tl.load(sched_ptr + 9 + i), 1.0, 0.0)
+        passed += tl.where(t >= tl.load(sched_ptr + SLOT_MILESTONES + i), 1.0, 0.0)
     after = tl.where(decay == 0, end + (peak - end) * _pow(1.0 - s, power),
                      tl.where(decay == 1, end + (peak - end) * (1.0 + tl.cos(3.141592653589793 * s)) / 2.0,
                               tl.where(decay == 2, peak * _pow(gamma, since / steps_per_epoch),
@@ -108,30 +117,62 @@ def _inv_scale(scale_ptr, HAS_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _sum_squares_kernel(p_ptrs, g_ptrs, m_ptrs, numels, chunk_tensor, chunk_start, partials, scale_ptr,
-                        P_TYPE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
-                        CHUNK: tl.constexpr, WITH_P: tl.constexpr):
-    """partials[c] = (sum p^2, sum g^2) over chunk c (g unscaled; p the fp32 master where there is one; p is not
-    read without WITH_P: its sums come from the cache)."""
-    c = tl.program_id(0)
+def _chunk(c, chunk_tensor, chunk_start, numels, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Program c's chunk: its tensor t, first element, end, and the end of its full blocks (the loop without masks;
+    the masked tail block follows)."""
     t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
+    start = tl.multiple_of(tl.load(chunk_start + c), CHUNK)  # chunks start at multiples of CHUNK
     end = tl.minimum(start + CHUNK, tl.load(numels + t))
+    return t, start, end, start + (end - start) // BLOCK * BLOCK
+
+
+@triton.jit
+def _base(ptrs, t, TYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor t's data pointer from a pointer table; ALIGNED: the launcher saw every pointer 16-byte aligned, which
+    lets the compiler use 128-bit accesses."""
+    base = tl.load(ptrs + t).to(tl.pointer_type(TYPE))
+    if ALIGNED:
+        base = tl.multiple_of(base, VECTOR_BYTES)  # on the pointer: the compiler drops it on the integer
+    return base
+
+
+@triton.jit
+def _splat(x, offs):
+    """Scalar x as a block like offs: masks made from run-time scalars are blocks (the interpreters of triton 3.8
+    and 3.9 mishandle scalar masks; compiled, a splat keeps the 128-bit accesses)."""
+    return tl.zeros_like(offs) + x
+
+
+@triton.jit(do_not_specialize=["with_p"])
+def _sum_squares_kernel(p_ptrs, g_ptrs, m_ptrs, numels, chunk_tensor, chunk_start, partials, scale_ptr, with_p,
+                        P_TYPE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
+                        BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """partials[c] = (sum p^2, sum g^2) over chunk c (g unscaled; p the fp32 master where there is one; p is not
+    read unless ``with_p``: its sums come from the cache; a run-time value: see do_not_specialize)."""
+    c = tl.program_id(0)
+    t, start, end, full_end = _chunk(c, chunk_tensor, chunk_start, numels, CHUNK, BLOCK)
     inv = _inv_scale(scale_ptr, HAS_SCALE)
-    g_base = tl.load(g_ptrs + t).to(tl.pointer_type(P_TYPE))
+    g_base = _base(g_ptrs, t, P_TYPE, ALIGNED)
     if MASTER:
-        p_base = tl.load(m_ptrs + t).to(tl.pointer_type(tl.float32))
+        p_base = _base(m_ptrs, t, tl.float32, ALIGNED)
     else:
-        p_base = tl.load(p_ptrs + t).to(tl.pointer_type(P_TYPE))
+        p_base = _base(p_ptrs, t, P_TYPE, ALIGNED)
     acc_p = tl.zeros([BLOCK], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, CHUNK, BLOCK):
-        offs = start + i + tl.arange(0, BLOCK)
+    for i in range(start, full_end, BLOCK):  # full blocks, unmasked
+        offs = i + tl.arange(0, BLOCK)
+        if ALIGNED:
+            offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+        p = tl.load(p_base + offs, mask=_splat(with_p, offs) != 0, other=0.0).to(tl.float32)
+        g = tl.load(g_base + offs).to(tl.float32) * inv
+        acc_p += p * p
+        acc_g += g * g
+    if full_end < end:  # the masked tail
+        offs = full_end + tl.arange(0, BLOCK)
         mask = offs < end
-        if WITH_P:
-            p = tl.load(p_base + offs, mask=mask, other=0.0).to(tl.float32)
-            acc_p += p * p
+        p = tl.load(p_base + offs, mask=mask & (_splat(with_p, offs) != 0), other=0.0).to(tl.float32)
         g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32) * inv
+        acc_p += p * p
         acc_g += g * g
     tl.store(partials + 2 * c, tl.sum(acc_p, axis=0))
     tl.store(partials + 2 * c + 1, tl.sum(acc_g, axis=0))
@@ -139,24 +180,24 @@ def _sum_squares_kernel(p_ptrs, g_ptrs, m_ptrs, numels, chunk_tensor, chunk_star
 
 @triton.jit
 def _ratio(p_sq, g_sq, lr, trust_coefficient, weight_decay, eps, max_ratio, CLIP: tl.constexpr):
-    """LARS trust ratio from the sums of squares (csrc/fused_step.h's trust_ratio)."""
-    p_norm = tl.sqrt(p_sq)
-    g_norm = tl.sqrt(g_sq)
-    ratio = tl.minimum(trust_coefficient * p_norm / (g_norm + weight_decay * p_norm + eps), max_ratio)
+    """LARS trust ratio from the sums of squares (csrc/fused_step.h's trust_ratio), with correctly rounded square
+    roots and divisions as C++ and CUDA have them (Triton's sqrt and fp32 '/' are approximate on the GPU)."""
+    p_norm = tl.sqrt_rn(p_sq)
+    g_norm = tl.sqrt_rn(g_sq)
+    ratio = tl.minimum(tl.div_rn(trust_coefficient * p_norm, g_norm + weight_decay * p_norm + eps), max_ratio)
     if CLIP:
-        ratio = tl.where(lr > 0, tl.minimum(ratio / tl.maximum(lr, 1e-38), 1.0), 1.0)
+        ratio = tl.where(lr > 0, tl.minimum(tl.div_rn(ratio, tl.where(lr > 0, lr, 1.0)), 1.0), 1.0)
     # Typed: the interpreter promotes where(scalar fp32, 1.0) to fp64 (compiled Triton keeps fp32), and an fp64 ratio
     # would make the update fp64, which the bf16 rounding cannot take.
     return tl.where((p_norm > 0) & (g_norm > 0), ratio, 1.0).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cached"])
 def _trust_ratio_kernel(partials, p_cached, first_chunk, out, n_tensors, step_ptr, sched_ptr, sched_len, lr_ptr,
-                        lr_value, trust_coefficient, weight_decay, eps, max_ratio, LR_MODE: tl.constexpr,
-                        CLIP: tl.constexpr,
-                        BLOCK_C: tl.constexpr, CACHED: tl.constexpr, SUMS: tl.constexpr):
+                        lr_value, trust_coefficient, weight_decay, eps, max_ratio, cached, LR_MODE: tl.constexpr,
+                        CLIP: tl.constexpr, BLOCK_C: tl.constexpr, SUMS: tl.constexpr):
     """Tensor t's chunk partials added in chunk order (no atomics: repeatable) -> out[t] = its trust ratio, or with
-    SUMS out[t], out[N + t] = its sums of squares. CACHED: the p partials come from the |p|^2 cache."""
+    SUMS out[t], out[N + t] = its sums of squares. ``cached``: the p partials come from the |p|^2 cache."""
     t = tl.program_id(0)
     c0 = tl.load(first_chunk + t)
     c1 = tl.load(first_chunk + t + 1)
@@ -165,10 +206,9 @@ def _trust_ratio_kernel(partials, p_cached, first_chunk, out, n_tensors, step_pt
     for c in range(c0, c1, BLOCK_C):
         idx = c + tl.arange(0, BLOCK_C)
         mask = idx < c1
-        if CACHED:
-            acc_p += tl.load(p_cached + idx, mask=mask, other=0.0).to(tl.float64)
-        else:
-            acc_p += tl.load(partials + 2 * idx, mask=mask, other=0.0).to(tl.float64)
+        from_cache = tl.load(p_cached + idx, mask=mask & (_splat(cached, idx) != 0), other=0.0)
+        from_pass = tl.load(partials + 2 * idx, mask=mask & (_splat(cached, idx) == 0), other=0.0)
+        acc_p += (from_cache + from_pass).to(tl.float64)  # one of the two is 0
         acc_g += tl.load(partials + 2 * idx + 1, mask=mask, other=0.0).to(tl.float64)
     p_sq = tl.sum(acc_p, axis=0).to(tl.float32)
     g_sq = tl.sum(acc_g, axis=0).to(tl.float32)
@@ -181,24 +221,64 @@ def _trust_ratio_kernel(partials, p_cached, first_chunk, out, n_tensors, step_pt
 
 
 @triton.jit
+def _update_block(p_base, g_base, b_base, m_base, offs, mask, found, first, lr, inv, r, momentum, dampening,
+                  weight_decay, P_TYPE: tl.constexpr, B_TYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                  NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr):
+    """One block of the update (``mask`` None: a full block; ``found`` != 0: GradScaler found inf/NaN, nothing is
+    written): returns the values kept in fp32, as stored (the master where there is one)."""
+    other = 0.0
+    write = _splat(found, offs) == 0
+    read_buf = _splat(first, offs) == 0  # step 1: buf = d, the buffer may be uninitialised
+    if mask is None:
+        other = None  # loads without a mask
+    else:
+        write = write & mask
+        read_buf = read_buf & mask
+    g = tl.load(g_base + offs, mask=mask, other=other).to(tl.float32) * inv
+    if MAXIMIZE:
+        g = -g
+    if MASTER:
+        p = tl.load(m_base + offs, mask=mask, other=other)
+    else:
+        p = tl.load(p_base + offs, mask=mask, other=other).to(tl.float32)
+    p_old = p
+    d = (g + weight_decay * p) * r
+    if HAS_MOMENTUM:
+        prev = tl.load(b_base + offs, mask=read_buf, other=0.0).to(tl.float32)
+        buf = tl.where(first != 0, d, prev * momentum + (1.0 - dampening) * d)
+        tl.store(b_base + offs, _cast(buf, B_TYPE), mask=write)
+        if NESTEROV:
+            d = d + momentum * buf
+        else:
+            d = buf
+    p = p - lr * d
+    p_stored = _cast(p, P_TYPE)
+    if MASTER:
+        tl.store(m_base + offs, p, mask=write)
+        kept = tl.where(write, p, p_old)
+    else:
+        kept = tl.where(write, p_stored.to(tl.float32), p_old)
+    tl.store(p_base + offs, p_stored, mask=write)
+    return kept
+
+
+@triton.jit(do_not_specialize=["first"])
 def _fused_step_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, numels, chunk_tensor, chunk_start, ratios, norms, n_tensors,
                        param_sq, step_ptr, sched_ptr, sched_len, lr_ptr, lr_value, momentum, dampening, weight_decay,
-                       trust_coefficient, eps, max_ratio, scale_ptr, found_ptr, LR_MODE: tl.constexpr,
-                       P_TYPE: tl.constexpr, B_TYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
+                       trust_coefficient, eps, max_ratio, scale_ptr, found_ptr, first, LR_MODE: tl.constexpr,
+                       P_TYPE: tl.constexpr, B_TYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                        NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, LARS: tl.constexpr,
                        NORMS: tl.constexpr, CLIP: tl.constexpr, P_SQ: tl.constexpr, HAS_SCALE: tl.constexpr,
-                       HAS_INF: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """One chunk of the update: d = r*(g + wd*p) (g negated with MAXIMIZE); momentum; p -= lr*d (see
-    csrc/fused_step.h). r from `ratios`, or with NORMS from the given sums of squares. P_SQ: param_sq[c] = sum of
-    squares of the values stored (of the
-    unchanged values when found_inf skips the step, so that the |p|^2 cache stays right)."""
+                       HAS_INF: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """One chunk of the update: d = r*(g + wd*p) (g negated with MAXIMIZE); momentum (``first``: the buffer starts
+    at d; a run-time value: see do_not_specialize); p -= lr*d (see csrc/fused_step.h). r from `ratios`, or with NORMS
+    from the given sums of squares. P_SQ: param_sq[c] = sum of squares of the values stored (of the unchanged values
+    when found_inf skips the step, so that the |p|^2 cache stays right)."""
     c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    end = tl.minimum(start + CHUNK, tl.load(numels + t))
-    write_end = end
+    t, start, end, full_end = _chunk(c, chunk_tensor, chunk_start, numels, CHUNK, BLOCK)
+    found = 0.0
     if HAS_INF:
-        write_end = tl.where(tl.load(found_ptr) != 0, start, end)  # GradScaler found inf/NaN: write nothing
+        found = tl.load(found_ptr)
     lr = _lr(step_ptr, sched_ptr, sched_len, lr_ptr, lr_value, LR_MODE)
     inv = _inv_scale(scale_ptr, HAS_SCALE)
     r = 1.0
@@ -208,46 +288,26 @@ def _fused_step_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, numels, chunk_tensor, chu
                        max_ratio, CLIP)
         else:
             r = tl.load(ratios + t)
-    p_base = tl.load(p_ptrs + t).to(tl.pointer_type(P_TYPE))
-    g_base = tl.load(g_ptrs + t).to(tl.pointer_type(P_TYPE))
-    b_base = tl.load(b_ptrs + t).to(tl.pointer_type(B_TYPE))
-    m_base = tl.load(m_ptrs + t).to(tl.pointer_type(tl.float32))
+    p_base = _base(p_ptrs, t, P_TYPE, ALIGNED)
+    g_base = _base(g_ptrs, t, P_TYPE, ALIGNED)
+    b_base = _base(b_ptrs, t, B_TYPE, ALIGNED)
+    m_base = _base(m_ptrs, t, tl.float32, ALIGNED)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, CHUNK, BLOCK):
-        offs = start + i + tl.arange(0, BLOCK)
-        mask = offs < end
-        store = offs < write_end
-        g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32) * inv
-        if MAXIMIZE:
-            g = -g
-        if MASTER:
-            p = tl.load(m_base + offs, mask=mask, other=0.0)
-        else:
-            p = tl.load(p_base + offs, mask=mask, other=0.0).to(tl.float32)
-        p_old = p
-        d = (g + weight_decay * p) * r
-        if HAS_MOMENTUM:
-            if FIRST:
-                buf = d
-            else:
-                buf = tl.load(b_base + offs, mask=mask, other=0.0).to(tl.float32) * momentum + (1.0 - dampening) * d
-            tl.store(b_base + offs, _cast(buf, B_TYPE), mask=store)
-            if NESTEROV:
-                d = d + momentum * buf
-            else:
-                d = buf
-        p = p - lr * d
-        p_stored = _cast(p, P_TYPE)
-        if MASTER:
-            tl.store(m_base + offs, p, mask=store)
-        tl.store(p_base + offs, p_stored, mask=store)
+    for i in range(start, full_end, BLOCK):  # full blocks, unmasked
+        offs = i + tl.arange(0, BLOCK)
+        if ALIGNED:
+            offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+        kept = _update_block(p_base, g_base, b_base, m_base, offs, None, found, first, lr, inv, r, momentum,
+                             dampening, weight_decay, P_TYPE, B_TYPE, HAS_MOMENTUM, NESTEROV, MAXIMIZE, MASTER)
         if P_SQ:
-            if MASTER:
-                kept = tl.where(store, p, p_old)
-            else:
-                kept = tl.where(store, p_stored.to(tl.float32), p_old)
-            kept = tl.where(mask, kept, 0.0)
             acc += kept * kept
+    if full_end < end:  # the masked tail
+        offs = full_end + tl.arange(0, BLOCK)
+        mask = offs < end
+        kept = _update_block(p_base, g_base, b_base, m_base, offs, mask, found, first, lr, inv, r, momentum,
+                             dampening, weight_decay, P_TYPE, B_TYPE, HAS_MOMENTUM, NESTEROV, MAXIMIZE, MASTER)
+        if P_SQ:
+            acc += tl.where(mask, kept * kept, 0.0)
     if P_SQ:
         tl.store(param_sq + c, tl.sum(acc, axis=0))
 
@@ -260,8 +320,13 @@ class _Tables:
         numels = [p.numel() for p in params]
         counts = [-(-n // chunk) for n in numels]
         self.n_chunks = sum(counts)
-        host = {"ptrs": torch.tensor([[t.data_ptr() if t is not None else 0 for t in lst] for lst in lists],
-                                     dtype=torch.int64).reshape(len(lists), -1),
+        ptrs = [[t.data_ptr() if t is not None else 0 for t in lst] for lst in lists]
+        # Every tensor 16-byte aligned: the kernels may use 128-bit accesses (chunk starts are multiples of 16 B too).
+        self.aligned = all(ptr % VECTOR_BYTES.value == 0 for lst in ptrs for ptr in lst)
+        # A float32 stand-in for an absent optional float32 tensor: the same pointer type whether or not the tensor
+        # is given, so that its absence does not pick another compiled variant.
+        self.no_f32 = torch.zeros(1, dtype=torch.float32, device=device)
+        host = {"ptrs": torch.tensor(ptrs, dtype=torch.int64).reshape(len(lists), -1),
                 "numels": torch.tensor(numels, dtype=torch.int64),
                 "chunk_tensor": torch.tensor([i for i, k in enumerate(counts) for _ in range(k)], dtype=torch.int32),
                 "chunk_start": torch.tensor([j * chunk for k in counts for j in range(k)], dtype=torch.int64),
@@ -389,17 +454,16 @@ def sum_squares(params, grads, master_params, param_sq, grad_scale, *, chunk: in
             return out
         cached = param_sq is not None
         partials = torch.empty(2 * tables.n_chunks, dtype=torch.float32, device=device)
-        scale = grad_scale if grad_scale is not None else tables.numels
+        scale = grad_scale if grad_scale is not None else tables.no_f32
         _sum_squares_kernel[(tables.n_chunks,)](tables.ptrs[0], tables.ptrs[1], tables.ptrs[3], tables.numels,
                                                 tables.chunk_tensor, tables.chunk_start, partials, scale,
-                                                P_TYPE=_TL_TYPES[dtype], MASTER=bool(master_params),
-                                                HAS_SCALE=grad_scale is not None, BLOCK=block, CHUNK=chunk,
-                                                WITH_P=not cached)
+                                                int(not cached), P_TYPE=_TL_TYPES[dtype], MASTER=bool(master_params),
+                                                HAS_SCALE=grad_scale is not None, ALIGNED=tables.aligned,
+                                                BLOCK=block, CHUNK=chunk)
         dummy = tables.numels
-        _trust_ratio_kernel[(n,)](partials, param_sq if cached else dummy, tables.first_chunk, out, n,
-                                  dummy, dummy, 0, dummy, 0.0, 0.0, 0.0, 0.0, float("inf"), LR_MODE=LR_FLOAT,
-                                  CLIP=False,
-                                  BLOCK_C=128, CACHED=cached, SUMS=True)
+        _trust_ratio_kernel[(n,)](partials, param_sq if cached else tables.no_f32, tables.first_chunk, out, n,
+                                  dummy, dummy, 0, dummy, 0.0, 0.0, 0.0, 0.0, float("inf"), int(cached),
+                                  LR_MODE=LR_FLOAT, CLIP=False, BLOCK_C=TRUST_RATIO_BLOCK, SUMS=True)
     return out
 
 
@@ -411,11 +475,15 @@ def _launch(params, grads, bufs, masters, device, step, schedule, lr_tensor, lr,
     if tables.n_chunks == 0:
         return
     lr_mode = LR_SCHEDULE if schedule is not None else LR_TENSOR if lr_tensor is not None else LR_FLOAT
-    dummy = tables.numels  # any device tensor stands in for an absent optional pointer
+    # Stand-ins for absent optional tensors (never read); those present in some steps and not in others are float32
+    # like the tensor.
+    dummy = tables.numels
     sched = schedule if schedule is not None else dummy
     lr_args = (step, sched, sched.numel(), lr_tensor if lr_tensor is not None else dummy, float(lr))
-    scale = grad_scale if grad_scale is not None else dummy
-    ratios = dummy
+    scale = grad_scale if grad_scale is not None else tables.no_f32
+    ratios = tables.no_f32
+    has_param_sq = param_sq is not None
+    param_sq = param_sq if has_param_sq else tables.no_f32
     ptrs = tables.ptrs
     p_type = _TL_TYPES[dtype]
     b_type = tl.float32 if master else p_type
@@ -424,20 +492,19 @@ def _launch(params, grads, bufs, masters, device, step, schedule, lr_tensor, lr,
         ratios = torch.ones(n, dtype=torch.float32, device=device)
         partials = torch.empty(2 * tables.n_chunks, dtype=torch.float32, device=device)
         _sum_squares_kernel[(tables.n_chunks,)](ptrs[0], ptrs[1], ptrs[3], tables.numels, tables.chunk_tensor,
-                                                tables.chunk_start, partials, scale, P_TYPE=p_type, MASTER=master,
-                                                HAS_SCALE=grad_scale is not None, BLOCK=block, CHUNK=chunk,
-                                                WITH_P=not cached)
-        _trust_ratio_kernel[(n,)](partials, param_sq if cached else dummy, tables.first_chunk, ratios, n,
-                                  *lr_args, float(trust_coefficient), float(weight_decay), float(eps),
-                                  float(max_trust_ratio), LR_MODE=lr_mode, CLIP=bool(trust_clip), BLOCK_C=128,
-                                  CACHED=cached, SUMS=False)
+                                                tables.chunk_start, partials, scale, int(not cached), P_TYPE=p_type,
+                                                MASTER=master, HAS_SCALE=grad_scale is not None,
+                                                ALIGNED=tables.aligned, BLOCK=block, CHUNK=chunk)
+        _trust_ratio_kernel[(n,)](partials, param_sq, tables.first_chunk, ratios, n, *lr_args,
+                                  float(trust_coefficient), float(weight_decay), float(eps), float(max_trust_ratio),
+                                  int(cached), LR_MODE=lr_mode, CLIP=bool(trust_clip), BLOCK_C=TRUST_RATIO_BLOCK,
+                                  SUMS=False)
     _fused_step_kernel[(tables.n_chunks,)](
         ptrs[0], ptrs[1], ptrs[2], ptrs[3], tables.numels, tables.chunk_tensor, tables.chunk_start, ratios,
-        norms_sq if norms_sq is not None else dummy, n,
-        param_sq if param_sq is not None else dummy, *lr_args, float(momentum), float(dampening),
-        float(weight_decay), float(trust_coefficient), float(eps), float(max_trust_ratio), scale,
-        found_inf if found_inf is not None else dummy, LR_MODE=lr_mode, P_TYPE=p_type, B_TYPE=b_type,
-        HAS_MOMENTUM=momentum != 0, FIRST=bool(first_step), NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
-        MASTER=master,
-        LARS=bool(lars), NORMS=norms_sq is not None, CLIP=bool(trust_clip), P_SQ=param_sq is not None,
-        HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, BLOCK=block, CHUNK=chunk)
+        norms_sq if norms_sq is not None else tables.no_f32, n, param_sq, *lr_args, float(momentum),
+        float(dampening), float(weight_decay), float(trust_coefficient), float(eps), float(max_trust_ratio), scale,
+        found_inf if found_inf is not None else tables.no_f32, int(first_step), LR_MODE=lr_mode, P_TYPE=p_type,
+        B_TYPE=b_type, HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+        MASTER=master, LARS=bool(lars), NORMS=norms_sq is not None, CLIP=bool(trust_clip),
+        P_SQ=has_param_sq, HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
+        ALIGNED=tables.aligned, BLOCK=block, CHUNK=chunk)

@@ -4,7 +4,7 @@ Legend: T steps, B batch, H hidden, G = 4H gate columns (i, f, g, o), BB batch r
 >= H (a whole hidden state per program), BK/BN tiles of the per-step kernel.
 
 Two forward strategies, the same backward structure:
-- **persistent** (H <= PERSISTENT_MAX_H): one launch runs the whole sequence. Each program owns BB batch rows —
+- **persistent** (small H, see use_persistent): one launch runs the whole sequence. Each program owns BB batch rows —
   rows never interact, so no grid-wide synchronisation is needed — loads the four [H, H] gate blocks of W_hh once,
   keeps h and c on chip across steps and per step does four tl.dot's plus the pointwise epilogue. At small batch
   the per-step launch latency is what bounds an LSTM (REFERENCES.md), and this removes it. Its backward twin runs
@@ -30,13 +30,30 @@ import triton.language as tl
 from .fused_step import _cast
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# The four gate blocks of W_hh stay on chip: 4·H² elements (H = 128: 128 KiB in bf16, 256 KiB in fp32). Above
-# PERSISTENT_MAX_H, or when a GPU reports that the kernel does not fit (triton's OutOfResources, remembered per
-# shape), the per-step kernel runs. Not yet tuned on a GPU.
+# The persistent kernels keep the four gate blocks of W_hh on chip (4·BH² elements, in registers and shared memory),
+# so they fit only at small H. The strategy is chosen before launching, from what the compiled kernels need:
+# PERSISTENT_MAX_BH is the largest BH at which a persistent kernel compiles without spilling and within the block's
+# shared memory, per (compute capability major, direction, dtype), as tests/test_triton_aot.py compiles them for
+# sm_80 and sm_90 (and checks this table); on a GPU whose per-block shared memory is below the budget its major was
+# checked against, or of another major, the per-step kernels run. Register allocation differs between triton
+# versions: the table holds for 3.6 (the GPU machine's) and 3.8 (CI's). At BH 64 the bf16/fp16 backward spills with
+# 3.6, not with 3.8; the fp32 backward at BH 32 spills 8 bytes on sm_90 with 3.8, not with 3.6.
+PERSISTENT_MAX_BH = {
+    (8, "fwd", "fp32"): 32, (8, "fwd", "bf16"): 64, (8, "fwd", "fp16"): 64,
+    (8, "bwd", "fp32"): 64, (8, "bwd", "bf16"): 32, (8, "bwd", "fp16"): 32,
+    (9, "fwd", "fp32"): 32, (9, "fwd", "bf16"): 64, (9, "fwd", "fp16"): 64,
+    (9, "bwd", "fp32"): 16, (9, "bwd", "bf16"): 32, (9, "bwd", "fp16"): 32,
+}
+PERSISTENT_SHARED_BUDGET = {8: 166912, 9: 232448}  # bytes per block (opt-in): A100 163 KB, H100/H200 227 KB
+# An upper bound on H for the persistent kernels on every device, also in the interpreter (which has no on-chip
+# limits; tests set it to 0 to run the per-step kernels).
 PERSISTENT_MAX_H = 128
-_DOES_NOT_FIT: set[tuple] = set()
 _INTERPRETED = tl.constexpr(INTERPRETED)
+PERSISTENT_BB = 16  # batch rows per persistent program
+STEP_TILES = dict(BB=16, BN=32, BK=32)  # the per-step forward kernel's tiles
+BWD_STEP_BLOCK = 1024  # elements per program of the per-step backward kernel
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @triton.jit
@@ -139,18 +156,21 @@ def _lstm_bwd_persistent(gates_ptr, cs_ptr, c0_ptr, dout_ptr, dhn_ptr, dcn_ptr, 
     hc = rows[:, None] * H + cols[None, :]
     dh = tl.load(dhn_ptr + hc, mask=m2, other=0.0).to(tl.float32)
     dc = tl.load(dcn_ptr + hc, mask=m2, other=0.0).to(tl.float32)
+    c_first = tl.load(c0_ptr + hc, mask=m2, other=0.0).to(tl.float32)
     G = 4 * H
     gc = rows[:, None] * G + cols[None, :]
     for s in range(0, T):
         # Processing order reversed: t is the step, t_prev the one processed before it (c0 before the first).
+        # The last one processed reads c0: it reads a valid step (clamped) that where() then discards, as a mask
+        # combining the block with the loop scalar is rejected by triton 3.9's interpreter.
         if REVERSE:
             t = s
-            t_prev = t + 1
+            t_prev = tl.minimum(t + 1, T - 1)
         else:
             t = T - 1 - s
-            t_prev = t - 1
-        c_prev = tl.load(cs_ptr + t_prev.to(tl.int64) * B * H + hc, mask=m2 & (s < T - 1), other=0.0) + \
-            tl.load(c0_ptr + hc, mask=m2 & (s == T - 1), other=0.0).to(tl.float32)
+            t_prev = tl.maximum(t - 1, 0)
+        c_prev = tl.where(s < T - 1, tl.load(cs_ptr + t_prev.to(tl.int64) * B * H + hc, mask=m2, other=0.0),
+                          c_first)
         a = gates_ptr + t.to(tl.int64) * B * G + gc
         i = tl.load(a, mask=m2, other=0.0).to(tl.float32)
         f = tl.load(a + H, mask=m2, other=0.0).to(tl.float32)
@@ -179,8 +199,10 @@ def _lstm_bwd_persistent(gates_ptr, cs_ptr, c0_ptr, dout_ptr, dhn_ptr, dcn_ptr, 
 @triton.jit
 def _lstm_fwd_step(a_ptr, w_ptr, h_ptr, cprev_ptr, hout_ptr, c_ptr, B, H, DTYPE: tl.constexpr, PREC: tl.constexpr,
                    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BB + tl.arange(0, BB)  # int64: rows * 4H can pass 2^31
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    # Offsets in int64: rows * 4H, and in W_hh [G, H] cols * H and g * H * H, can pass 2^31 (the last at H >= 23171).
+    rows = tl.program_id(0).to(tl.int64) * BB + tl.arange(0, BB)
+    cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    HH = H.to(tl.int64) * H
     rmask = rows < B
     cmask = cols < H
     m2 = rmask[:, None] & cmask[None, :]
@@ -195,9 +217,9 @@ def _lstm_fwd_step(a_ptr, w_ptr, h_ptr, cprev_ptr, hout_ptr, c_ptr, B, H, DTYPE:
         wt = w_ptr + cols[None, :] * H + k[:, None]  # W_g^T [k, j]
         wmask = kmask[:, None] & cmask[None, :]
         acc_i += _dot(h, tl.load(wt, mask=wmask, other=0.0), PREC)
-        acc_f += _dot(h, tl.load(wt + H * H, mask=wmask, other=0.0), PREC)
-        acc_g += _dot(h, tl.load(wt + 2 * H * H, mask=wmask, other=0.0), PREC)
-        acc_o += _dot(h, tl.load(wt + 3 * H * H, mask=wmask, other=0.0), PREC)
+        acc_f += _dot(h, tl.load(wt + HH, mask=wmask, other=0.0), PREC)
+        acc_g += _dot(h, tl.load(wt + 2 * HH, mask=wmask, other=0.0), PREC)
+        acc_o += _dot(h, tl.load(wt + 3 * HH, mask=wmask, other=0.0), PREC)
     a = a_ptr + rows[:, None] * 4 * H + cols[None, :]
     hc = rows[:, None] * H + cols[None, :]
     ai = acc_i + tl.load(a, mask=m2, other=0.0).to(tl.float32)
@@ -247,17 +269,18 @@ def _block_h(H: int) -> int:
     return max(16, triton.next_power_of_2(H))  # tl.dot needs every dimension >= 16
 
 
-def _persistent(kernel, grid, key: tuple, *args, **meta) -> bool:
-    """Launch the persistent kernel if this shape may fit on chip; False if it did not run."""
-    H = key[0]
-    if H > PERSISTENT_MAX_H or key in _DOES_NOT_FIT:
+def use_persistent(direction: str, H: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the persistent ``direction`` ("fwd" / "bwd") kernel runs for hidden size H: decided before any
+    launch, from PERSISTENT_MAX_BH and the device's per-block shared memory."""
+    if H > PERSISTENT_MAX_H:
         return False
-    try:
-        kernel[grid](*args, **meta)
-    except triton.runtime.errors.OutOfResources:
-        _DOES_NOT_FIT.add(key)
+    if device.type != "cuda":
+        return True  # the interpreter
+    major = torch.cuda.get_device_capability(device)[0]
+    budget = PERSISTENT_SHARED_BUDGET.get(major)
+    if budget is None or torch.cuda.get_device_properties(device).shared_memory_per_block_optin < budget:
         return False
-    return True
+    return _block_h(H) <= PERSISTENT_MAX_BH.get((major, direction, _NAMES[dtype]), 0)
 
 
 def layer_forward(gates, w_hh, h0, c0, reverse: bool):
@@ -272,10 +295,12 @@ def layer_forward(gates, w_hh, h0, c0, reverse: bool):
     dtype = _TL[gates.dtype]
     prec = _precision(gates.dtype)
     with torch.cuda.device(gates.device) if gates.is_cuda else contextlib.nullcontext():
-        BB = 16
-        if not _persistent(_lstm_fwd_persistent, (triton.cdiv(B, BB),), (H, gates.dtype, "fwd"), gates, w_hh, h0,
-                           c0, out, cs, T, B, H, REVERSE=reverse, DTYPE=dtype, PREC=prec, BB=BB, BH=_block_h(H)):
-            BB, BN, BK = 16, 32, 32
+        BB = PERSISTENT_BB
+        if use_persistent("fwd", H, gates.dtype, gates.device):
+            _lstm_fwd_persistent[(triton.cdiv(B, BB),)](gates, w_hh, h0, c0, out, cs, T, B, H, REVERSE=reverse,
+                                                        DTYPE=dtype, PREC=prec, BB=BB, BH=_block_h(H))
+        else:
+            BB, BN, BK = STEP_TILES["BB"], STEP_TILES["BN"], STEP_TILES["BK"]
             h, c = h0, c0
             for s in range(T):
                 t = T - 1 - s if reverse else s
@@ -298,14 +323,15 @@ def layer_backward(gates, cs, c0, dout, dh_n, dc_n, w_hh, reverse: bool):
     dtype = _TL[gates.dtype]
     prec = _precision(gates.dtype)
     with torch.cuda.device(gates.device) if gates.is_cuda else contextlib.nullcontext():
-        BB = 16
+        BB = PERSISTENT_BB
         dh0, dc0 = torch.empty_like(dh), torch.empty_like(dc)
-        if _persistent(_lstm_bwd_persistent, (triton.cdiv(B, BB),), (H, gates.dtype, "bwd"), gates, cs, c0, dout, dh,
-                       dc, w_hh, da, dh0, dc0, T, B, H, REVERSE=reverse, DTYPE=dtype, PREC=prec, BB=BB,
-                       BH=_block_h(H)):
+        if use_persistent("bwd", H, gates.dtype, gates.device):
+            _lstm_bwd_persistent[(triton.cdiv(B, BB),)](gates, cs, c0, dout, dh, dc, w_hh, da, dh0, dc0, T, B, H,
+                                                        REVERSE=reverse, DTYPE=dtype, PREC=prec, BB=BB,
+                                                        BH=_block_h(H))
             return da, dh0, dc0
         dh = dh.to(gates.dtype)
-        BLOCK = 1024
+        BLOCK = BWD_STEP_BLOCK
         for s in range(T - 1, -1, -1):
             t = T - 1 - s if reverse else s
             c_prev = c0 if s == 0 else cs[t + 1 if reverse else t - 1]

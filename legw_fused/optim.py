@@ -86,9 +86,10 @@ class _MomentumOptimizer(Optimizer):
         self._step_counters: dict[torch.device, Tensor] = {}
         # Per param group: the LEGW that drives it (None: a float or tensor lr), to see a LEGW written over at step().
         self._legw_lrs: list[LEGW | None] = []
-        # Indices of the param groups that hold an "initial_lr" (set by a torch LR scheduler, or loaded): the ones a
-        # refused scheduler gave one are given back as they were.
-        self._initial_lr_groups: set[int] = set()
+        # The groups' values (all but params) when last seen by the optimizer (add_param_group, load_state_dict, the
+        # end of step()): a refused torch LR scheduler has written into the groups before it is seen (initial_lr;
+        # OneCycleLR and CyclicLR also max_lr, momentum...), and they are given back as they were.
+        self._groups_seen: list[dict] = []
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
@@ -146,8 +147,7 @@ class _MomentumOptimizer(Optimizer):
         _check_tensor_lr(filled["lr"], f"{type(self).__name__} (param group {index})")
         super().add_param_group(group)
         self._legw_lrs.append(filled["lr"] if isinstance(filled["lr"], LEGW) else None)
-        if "initial_lr" in group:
-            self._initial_lr_groups.add(index)
+        self._groups_seen.append(_group_values(self.param_groups[-1]))
 
     def _backend_for(self, group: dict, device: torch.device, dtype: torch.dtype, contiguous: bool,
                      sparse: bool) -> StepBackend:
@@ -184,13 +184,17 @@ class _MomentumOptimizer(Optimizer):
         super().__setattr__(name, value)
 
     def _refuse_lr_scheduler(self) -> None:
-        """A torch LR scheduler would write floats over LEGW lrs: refuse it, leaving the groups as they were."""
+        """A torch LR scheduler would write floats over LEGW lrs: refuse it, leaving the groups as they were (as
+        last seen: a group edited by hand since the last step() is given back its value of then as well)."""
         driven = [i for i, g in enumerate(self.param_groups) if isinstance(g["lr"], LEGW)]
         if not driven:
             return
-        for i, group in enumerate(self.param_groups):
-            if i not in self._initial_lr_groups:
-                group.pop("initial_lr", None)  # set just now by the scheduler's __init__
+        for group, seen in zip(self.param_groups, self._groups_seen):
+            for key in [k for k in group if k != "params"]:
+                if key not in seen:
+                    del group[key]
+                elif group[key] is not seen[key]:
+                    group[key] = seen[key]
         raise ValueError(f"{type(self).__name__}: a torch LR scheduler cannot drive param group(s) {driven}, whose "
                         f"lr is a LEGW schedule: it would overwrite the schedule with floats. The LEGW lr already "
                         f"schedules these groups on the device; to use a torch scheduler instead, give the optimizer "
@@ -265,6 +269,8 @@ class _MomentumOptimizer(Optimizer):
         for device, counter in self._step_counters.items():
             # A step skipped for inf/NaN gradients does not advance the schedule.
             counter.add_(1 if found_inf is None else (_on(found_inf, device) == 0).to(torch.int64))
+        if not torch.compiler.is_compiling():  # host bookkeeping, kept out of compiled graphs
+            self._groups_seen = [_group_values(g) for g in self.param_groups]
         return loss
 
     def _buckets(self) -> list[_Bucket]:
@@ -522,10 +528,10 @@ class _MomentumOptimizer(Optimizer):
         return {**state_dict, "param_groups": groups}, max(steps, default=0)
 
     def _track_groups(self) -> None:
-        """After the groups were replaced (load_state_dict, unpickling): which LEGW drives each group and which
-        groups hold an initial_lr (see _legw_lrs, _initial_lr_groups)."""
+        """After the groups were replaced (load_state_dict, unpickling): which LEGW drives each group, and their
+        values (see _legw_lrs, _groups_seen)."""
         self._legw_lrs = [g["lr"] if isinstance(g["lr"], LEGW) else None for g in self.param_groups]
-        self._initial_lr_groups = {i for i, g in enumerate(self.param_groups) if "initial_lr" in g}
+        self._groups_seen = [_group_values(g) for g in self.param_groups]
 
     # copy.deepcopy / pickle: torch.optim.Optimizer keeps only defaults, state and param_groups.
     def __getstate__(self):
@@ -575,6 +581,10 @@ def _check_tensor_lr(lr, where: str) -> None:
         value = lr.item()
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{where}: Invalid learning rate: {value}; lr must be a finite number >= 0")
+
+
+def _group_values(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k != "params"}
 
 
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -213,6 +213,10 @@ class _MomentumOptimizer(Optimizer):
         if isinstance(lr, LEGW):
             self._legw_lrs[index] = lr
             return
+        if legw is not None and not self.state and lr == 0.0 and not isinstance(lr, Tensor):
+            # torch.distributed.checkpoint's get_state_dict/set_state_dict make the state of a fresh optimizer with
+            # one step at lr = 0.0 and then put the LEGW back: not an override.
+            return
         if legw is not None:
             self._legw_lrs[index] = None
             warnings.warn(f"{type(self).__name__} (param group {index}): the group's lr was the schedule {legw!r} "

@@ -31,13 +31,11 @@ class Net(torch.nn.Module):
         return self.head(y), h_n, c_n, h
 
 
-def _exporters():
-    yield pytest.param(True, id="dynamo")
-    # The TorchScript-based exporter, still in torch 2.14 (deprecated): exported where it exists.
-    yield pytest.param(False, id="torchscript")
+# torch's two exporters: dynamo (the default) and the TorchScript-based one (deprecated, still in torch 2.14).
+EXPORTERS = [pytest.param(True, id="dynamo"), pytest.param(False, id="torchscript")]
 
 
-@pytest.mark.parametrize("dynamo", _exporters())
+@pytest.mark.parametrize("dynamo", EXPORTERS)
 def test_exported_model_matches_module(dynamo, tmp_path):
     if dynamo:
         pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs onnxscript (requirements.txt)")

@@ -187,3 +187,20 @@ def test_float_written_over_a_legw_warns_once_per_group_and_drives_the_group():
     opt.param_groups[0]["lr"] = torch.tensor(0.01)
     with pytest.warns(UserWarning, match="param group 0"):
         opt.step()
+
+
+def test_distributed_checkpoint_state_init_is_not_an_override():
+    """get_state_dict of a fresh optimizer takes one step at lr = 0.0 and puts the LEGW back (torch's
+    _init_optim_state): no warning, and the LEGW still drives the group."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = torch.nn.Linear(3, 2)
+    opt = SGD(model.parameters(), lr=SCHED, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, optim_sd = get_state_dict(model, opt)
+    assert optim_sd["param_groups"][0]["lr"] == {"legw": SCHED.to_dict()}
+    opt.param_groups[0]["lr"] = 0.0  # with state now: a real override
+    model(torch.randn(4, 3)).sum().backward()
+    with pytest.warns(UserWarning, match="no longer drives this group"):
+        opt.step()

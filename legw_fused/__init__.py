@@ -9,11 +9,17 @@
 - ``distributed.global_batch_size()``: the LEGW batch size under torch.distributed (ranks x per-rank batch).
 """
 
+import torch
+
 from . import distributed, functional
 from .backends import backend_info
 from .lstm import LSTM, LSTMCell
 from .optim import LARS, SGD, param_groups
 from .schedule import LEGW, LEGWScheduler
+
+# torch.load(weights_only=True) reads a pickled LSTM / LSTMCell (torch.save(model)) and a LEGW held anywhere in a
+# checkpoint: each pickles as its class plus plain values and tensors, so the classes are all it needs.
+torch.serialization.add_safe_globals([LEGW, LSTM, LSTMCell])
 
 __all__ = ["LEGW", "LEGWScheduler", "SGD", "LARS", "param_groups", "LSTM", "LSTMCell", "functional", "distributed",
            "backend_info"]

@@ -4,10 +4,14 @@ They subclass torch's modules, so parameters (names, shapes, initialisation), ``
 and the argument checks of ``forward`` are torch's own; only the computation goes through ``legw_fused.functional``
 on the chosen backend (``backend="auto"``: cpp on CPU, cuda then triton on GPUs, the torch reference otherwise).
 Not supported (``NotImplementedError``): ``proj_size > 0`` and PackedSequence input.
+
+While ``torch.onnx.export`` traces them (both exporters), they compute with torch's own forward, which the exporters
+translate to ONNX's LSTM; our ops have no ONNX translation.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
@@ -27,6 +31,8 @@ class LSTMCell(nn.LSTMCell):
         self.backend = check_backend_name(backend, LSTM_BACKENDS)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        if torch.onnx.is_in_onnx_export():
+            return super().forward(input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is None:
@@ -53,6 +59,8 @@ class LSTM(nn.LSTM):
         self.backend = check_backend_name(backend, LSTM_BACKENDS)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
+        if torch.onnx.is_in_onnx_export():
+            return super().forward(input, hx)
         if isinstance(input, PackedSequence):
             raise NotImplementedError("legw_fused.LSTM: PackedSequence input is not supported; pad the batch "
                                       "(torch.nn.utils.rnn.pad_packed_sequence) or use torch.nn.LSTM")

@@ -13,21 +13,25 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .backends import STEP_BACKENDS, StepBackend, check_backend_name, select
+from .backends import AUTO_ORDER, STEP_BACKENDS, StepBackend, check_backend_name, select
 from .distributed import all_reduce_sum_, any_dtensor, is_dtensor, local_tensor, sharded_norm_group, wrap_like
 from .schedule import LEGW
 
 __all__ = ["SGD", "LARS", "param_groups"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-# Keys torch.optim.SGD stores in its param groups that have no meaning here; dropped when loading its state_dict.
-_TORCH_ONLY_GROUP_KEYS = ("foreach", "differentiable", "fused", "capturable", "maximize")
+# Complex parameters are updated as torch does, through their real views (complex32 has too few ops in torch).
+_COMPLEX = (torch.complex64, torch.complex128)
+# Keys torch.optim optimizers store in their param groups; those a class does not define are dropped when loading
+# a torch state_dict.
+_TORCH_GROUP_KEYS = ("foreach", "differentiable", "fused", "capturable", "maximize")
 
 
 @dataclass(eq=False)
@@ -41,6 +45,8 @@ class _Bucket:
     grads: list[Tensor]
     sharded: bool  # DTensor params (FSDP2): the kernels run on local shards
     norm_groups: list | None  # LARS on sharded params: per param, the process group its norm is summed over
+    is_complex: bool = False  # complex params: the backends update their real views (torch.view_as_real)
+    torch_sgd: bool = False  # served by torch.optim's functional SGD (sparse grads, differentiable=True)
     # Set by _prepare:
     states: list[dict] = field(default_factory=list)
     local_params: list[Tensor] = field(default_factory=list)
@@ -58,6 +64,7 @@ class _MomentumOptimizer(Optimizer):
 
     _nonnegative = ("momentum", "dampening", "weight_decay")
     _flags = ("nesterov",)
+    _optional_flags: tuple[str, ...] = ()  # None or a bool
     # torch.amp.GradScaler.step() then sets self.grad_scale (None if already unscaled) and self.found_inf and calls
     # step() every time: fused backends unscale while reading the grads and skip on the device when found_inf != 0.
     _step_supports_amp_scaling = True
@@ -66,6 +73,9 @@ class _MomentumOptimizer(Optimizer):
         self.backend = check_backend_name(backend)
         if not isinstance(cache_norms, bool):
             raise TypeError(f"{type(self).__name__}: cache_norms must be a bool, got {cache_norms!r}")
+        # As torch.optim: the hyperparameters are checked before the params (a bad lr raises whatever params are).
+        self._check_group(defaults, type(self).__name__)
+        _check_tensor_lr(defaults["lr"], type(self).__name__)
         self.cache_norms = cache_norms
         # LARS |p|^2 cache per (param group, device, dtype) bucket: {"tensors", "versions", "ptrs", "param_sq"}. Derived
         # data, never in the state_dict.
@@ -74,29 +84,41 @@ class _MomentumOptimizer(Optimizer):
         # master: a different version at the next step means it was changed outside the optimizer.
         self._master_versions: dict[int, int] = {}
         self._step_counters: dict[torch.device, Tensor] = {}
+        # Per param group: the LEGW that drives it (None: a float or tensor lr), to see a LEGW written over at step().
+        self._legw_lrs: list[LEGW | None] = []
+        # The groups' values (all but params) when last seen by the optimizer (add_param_group, load_state_dict, the
+        # end of step()): a refused torch LR scheduler has written into the groups before it is seen (initial_lr;
+        # OneCycleLR and CyclicLR also max_lr, momentum...), and they are given back as they were.
+        self._groups_seen: list[dict] = []
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
-    def _check_group(self, group: dict, index: int) -> None:
-        """Raise if a group's hyperparameters break a rule; reads no tensor value (no host sync)."""
-        where = f"{type(self).__name__} (param group {index})"
+    def _where(self, where) -> str:
+        return where if isinstance(where, str) else f"{type(self).__name__} (param group {where})"
+
+    def _check_group(self, group: dict, where) -> None:
+        """Raise if a group's hyperparameters break a rule; reads no tensor value (no host sync). ``where``: the
+        param group's index, or the text that names it. Messages begin with torch.optim.SGD's own where it has one."""
+        where = self._where(where)
         lr = group["lr"]
         if isinstance(lr, Tensor):
             if lr.numel() != 1 or not lr.is_floating_point():
-                raise ValueError(f"{where}: a tensor lr must hold one floating-point value, got shape "
+                raise ValueError(f"{where}: Tensor lr must be 1-element and floating-point, got shape "
                                  f"{tuple(lr.shape)} and dtype {lr.dtype}")
         elif not isinstance(lr, LEGW):
-            _check_nonnegative(where, "lr", lr)
+            _check_nonnegative(where, "lr", lr, torch_name="learning rate")
         for name in self._nonnegative:
             _check_nonnegative(where, name, group[name])
-        for name in self._flags + ("master_weights",):
+        for name in self._flags + ("maximize", "master_weights"):
             if not isinstance(group[name], bool):
                 raise TypeError(f"{where}: {name} must be a bool, got {group[name]!r}")
+        for name in self._optional_flags:
+            if group.get(name) is not None and not isinstance(group[name], bool):
+                raise TypeError(f"{where}: {name} must be None or a bool, got {group[name]!r}")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError(f"{where}: nesterov requires momentum > 0 and dampening = 0, got momentum="
-                             f"{group['momentum']} and dampening={group['dampening']}")
-        if group.get("maximize", False):
-            raise ValueError(f"{where}: maximize=True is not supported; negate the loss instead")
+            raise ValueError(f"{where}: Nesterov momentum requires a momentum and zero dampening: nesterov=True "
+                             f"needs momentum > 0 and dampening = 0, got momentum={group['momentum']} and "
+                             f"dampening={group['dampening']}")
 
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
@@ -110,28 +132,102 @@ class _MomentumOptimizer(Optimizer):
                             "of tensors in sets will change between runs. Please use a list instead.")
         group["params"] = params = list(params)
         index = len(self.param_groups)
+        filled = {**self.defaults, **group}
+        self._check_group(filled, index)
         for i, p in enumerate(params):
             t = p[1] if isinstance(p, tuple) else p  # (name, tensor) pairs are accepted by torch
             if isinstance(t, Tensor):
-                if not t.is_floating_point():
+                if not (t.is_floating_point() or t.dtype in _COMPLEX):
                     raise TypeError(f"{type(self).__name__} (param group {index}): parameter {i} has dtype "
-                                    f"{t.dtype}; only real floating-point parameters are supported")
-                # An explicit backend that cannot run on this tensor raises now rather than at the first step.
-                select(STEP_BACKENDS, self.backend, t.device, t.dtype, t.is_contiguous())
-        filled = {**self.defaults, **group}
-        self._check_group(filled, index)
+                                    f"{t.dtype}; only floating-point and complex64/complex128 parameters are "
+                                    f"supported")
+                # A backend that cannot run on this tensor raises now rather than at the first step.
+                self._backend_for(filled, t.device, _real_dtype(t.dtype), t.is_contiguous(), sparse=False)
         # A tensor lr is checked once here (one host read), never in step(), which must not sync.
-        if isinstance(filled["lr"], Tensor):
-            value = filled["lr"].item()
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{type(self).__name__} (param group {index}): lr must be a finite number >= 0, "
-                                 f"got {value}")
+        _check_tensor_lr(filled["lr"], f"{type(self).__name__} (param group {index})")
         super().add_param_group(group)
+        self._legw_lrs.append(filled["lr"] if isinstance(filled["lr"], LEGW) else None)
+        self._groups_seen.append(_group_values(self.param_groups[-1]))
+
+    def _backend_for(self, group: dict, device: torch.device, dtype: torch.dtype, contiguous: bool,
+                     sparse: bool) -> StepBackend:
+        """The backend that runs a bucket of ``group``: ``self.backend``, narrowed by the group's ``fused`` (True:
+        a fused backend, False: the reference), and the reference for sparse gradients and differentiable=True,
+        which it serves through torch.optim's own functional SGD. Raises with the reason if none can."""
+        where = f"{type(self).__name__} on {device} with {dtype} tensors"
+        fused = group.get("fused")
+        reference_only = "sparse gradients" if sparse else "differentiable=True" if group.get("differentiable") \
+            else "fused=False" if fused is False else None
+        if reference_only is not None:
+            if self.backend not in ("auto", "torch"):
+                raise RuntimeError(f"{where}: {reference_only} runs on the reference backend ('torch'), but "
+                                   f"backend={self.backend!r} was asked for")
+            return STEP_BACKENDS["torch"]
+        if fused:
+            names = [n for n in AUTO_ORDER.get(device.type, ()) if n != "torch"] if self.backend == "auto" else \
+                [self.backend]
+            reasons = {n: STEP_BACKENDS[n].unavailable_reason(device.type, dtype, contiguous) if n != "torch" else
+                       "it is the reference, not a fused backend" for n in names}
+            for n, reason in reasons.items():
+                if reason is None:
+                    return STEP_BACKENDS[n]
+            why = "; ".join(f"{n}: {r}" for n, r in reasons.items()) or "no fused backend exists for this device"
+            raise RuntimeError(f"{where}: fused=True needs a fused backend and none can run ({why})")
+        return select(STEP_BACKENDS, self.backend, device, dtype, contiguous)
+
+    # ------------------------------------------------------------------ schedules
+    def __setattr__(self, name, value):
+        # torch's LRScheduler.__init__ replaces optimizer.step by a wrapper marked _wrapped_by_lr_sched: the one
+        # moment a scheduler touches the optimizer itself, before its first write to group["lr"].
+        if name == "step" and getattr(value, "_wrapped_by_lr_sched", False):
+            self._refuse_lr_scheduler()
+        super().__setattr__(name, value)
+
+    def _refuse_lr_scheduler(self) -> None:
+        """A torch LR scheduler would write floats over LEGW lrs: refuse it, leaving the groups as they were (as
+        last seen: a group edited by hand since the last step() is given back its value of then as well)."""
+        driven = [i for i, g in enumerate(self.param_groups) if isinstance(g["lr"], LEGW)]
+        if not driven:
+            return
+        for group, seen in zip(self.param_groups, self._groups_seen):
+            for key in [k for k in group if k != "params"]:
+                if key not in seen:
+                    del group[key]
+                elif group[key] is not seen[key]:
+                    group[key] = seen[key]
+        raise ValueError(f"{type(self).__name__}: a torch LR scheduler cannot drive param group(s) {driven}, whose "
+                        f"lr is a LEGW schedule: it would overwrite the schedule with floats. The LEGW lr already "
+                        f"schedules these groups on the device; to use a torch scheduler instead, give the optimizer "
+                        f"a float lr (legw_fused.LEGWScheduler drives one by a LEGW)")
+
+    def _check_legw_kept(self, group: dict, index: int) -> None:
+        """Warn once per group when a float or tensor has been written over a LEGW lr (group["lr"] = ...).
+
+        A warning, not an error: writing group["lr"] is torch.optim's documented way to set an LR by hand (an LR
+        finder, fine-tuning on at a constant LR after the schedule), which an error would forbid; what must not
+        happen is losing the schedule without a word. After the warning the group is driven by the new value."""
+        legw = self._legw_lrs[index]
+        lr = group["lr"]
+        if lr is legw:
+            return
+        if isinstance(lr, LEGW):
+            self._legw_lrs[index] = lr
+            return
+        if legw is not None and not self.state and lr == 0.0 and not isinstance(lr, Tensor):
+            # torch.distributed.checkpoint's get_state_dict/set_state_dict make the state of a fresh optimizer with
+            # one step at lr = 0.0 and then put the LEGW back: not an override.
+            return
+        if legw is not None:
+            self._legw_lrs[index] = None
+            warnings.warn(f"{type(self).__name__} (param group {index}): the group's lr was the schedule {legw!r} "
+                          f"and is now {lr!r}, written over group['lr']: from this step on the LEGW schedule no "
+                          f"longer drives this group. To schedule it, set group['lr'] back to a LEGW, or use a float "
+                          f"lr with legw_fused.LEGWScheduler.", UserWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ step
     def _hyperparameters(self, group: dict) -> dict:
         return dict(momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
-                    nesterov=group["nesterov"])
+                    nesterov=group["nesterov"], maximize=group["maximize"])
 
     def _counter(self, device: torch.device, value: int = 0) -> Tensor:
         """This optimizer's step count on ``device``: the number of step() calls that updated (GradScaler skips
@@ -177,6 +273,8 @@ class _MomentumOptimizer(Optimizer):
         for device, counter in self._step_counters.items():
             # A step skipped for inf/NaN gradients does not advance the schedule.
             counter.add_(1 if found_inf is None else (_on(found_inf, device) == 0).to(torch.int64))
+        if not torch.compiler.is_compiling():  # host bookkeeping, kept out of compiled graphs
+            self._groups_seen = [_group_values(g) for g in self.param_groups]
         return loss
 
     def _buckets(self) -> list[_Bucket]:
@@ -186,16 +284,19 @@ class _MomentumOptimizer(Optimizer):
         buckets = []
         for index, group in enumerate(self.param_groups):
             self._check_group(group, index)
+            self._check_legw_kept(group, index)
             params_all = group["params"]
             grads_all = [p.grad for p in params_all]
             if any(g is None for g in grads_all):
                 kept = [i for i, g in enumerate(grads_all) if g is not None]
                 params_all, grads_all = [params_all[i] for i in kept], [grads_all[i] for i in kept]
-            if any(g.is_sparse for g in grads_all):
+            hp = self._hyperparameters(group)
+            sparse = any(g.is_sparse for g in grads_all)
+            if sparse and hp["lars"]:
                 p = next(p for p, g in zip(params_all, grads_all) if g.is_sparse)
                 raise RuntimeError(f"{type(self).__name__} (param group {index}): sparse gradients are not "
-                                   f"supported (parameter of shape {tuple(p.shape)})")
-            hp = self._hyperparameters(group)
+                                   f"supported by LARS (parameter of shape {tuple(p.shape)}); give the group "
+                                   f"lars=False to take the plain SGD step")
             # Grouped in C++ (reading p.device in Python costs ~0.3 us per parameter), in the order of their first
             # parameter: ranks must all-reduce sharded buckets' norms in one order.
             grouped = torch._C._group_tensors_by_device_and_dtype([params_all], True) if params_all else {}
@@ -206,8 +307,12 @@ class _MomentumOptimizer(Optimizer):
                 # LARS: over which process group each param's local sums of squares add up (None: local is whole);
                 # raises for placements it cannot handle, before anything changes.
                 norm_groups = [sharded_norm_group(p) for p in params] if hp["lars"] and sharded else None
-                buckets.append(_Bucket(group, select(STEP_BACKENDS, self.backend, device, dtype, contiguous), hp,
-                                       params, [grads_all[i] for i in indices], sharded, norm_groups))
+                grads = [grads_all[i] for i in indices]
+                backend = self._backend_for(group, device, _real_dtype(dtype), contiguous,
+                                            sparse and any(g.is_sparse for g in grads))
+                torch_sgd = backend.name == "torch" and (group.get("differentiable", False) or sparse)
+                buckets.append(_Bucket(group, backend, hp, params, grads, sharded, norm_groups, dtype.is_complex,
+                                       torch_sgd))
         return buckets
 
     def _prepare(self, b: _Bucket, grad_scale: Tensor | None, found_inf: Tensor | None, use_cache: bool) -> None:
@@ -222,6 +327,11 @@ class _MomentumOptimizer(Optimizer):
             state["step"] = counter
         b.local_params = [local_tensor(p) for p in b.params] if b.sharded else b.params
         b.local_grads = [local_tensor(g) for g in b.grads] if b.sharded else b.grads
+        if b.torch_sgd:
+            b.kwargs.update(torch_sgd=True, differentiable=b.group.get("differentiable", False))
+        elif b.is_complex:
+            b.local_params = [torch.view_as_real(p) for p in b.local_params]
+            b.local_grads = [torch.view_as_real(g) for g in b.local_grads]
         if b.params[0].dtype in _LOW_PRECISION:
             self._prepare_masters(b)
         chunk = b.backend.param_sq_chunk
@@ -254,12 +364,17 @@ class _MomentumOptimizer(Optimizer):
     def _update(self, b: _Bucket) -> None:
         """One backend call updates the bucket; new momentum buffers and the cache's versions are recorded."""
         current = [state.get("momentum_buffer") for state in b.states]
-        bufs = b.backend.step_(b.local_params, b.local_grads, [local_tensor(x) for x in current] if b.sharded else
-                               current, masters=b.masters, norms_sq=b.norms_sq, param_sq=b.param_sq,
-                               param_sq_cached=b.param_sq_cached, **b.kwargs)
+        if b.sharded:
+            current = [local_tensor(x) for x in current]
+        if b.is_complex and not b.torch_sgd:
+            current = [None if x is None else torch.view_as_real(x) for x in current]
+        bufs = b.backend.step_(b.local_params, b.local_grads, current, masters=b.masters, norms_sq=b.norms_sq,
+                               param_sq=b.param_sq, param_sq_cached=b.param_sq_cached, **b.kwargs)
         if b.group["momentum"] != 0:
             for p, state, buf in zip(b.params, b.states, bufs):
                 if buf is not None and state.get("momentum_buffer") is None:
+                    if b.is_complex and not b.torch_sgd:
+                        buf = torch.view_as_complex(buf)  # the state keeps torch's complex buffer
                     state["momentum_buffer"] = wrap_like(buf, p) if is_dtensor(p) else buf
         if b.param_sq is not None:
             entry = self._param_sq_cache[b.cache_key]
@@ -359,9 +474,10 @@ class _MomentumOptimizer(Optimizer):
         super().load_state_dict(checked)
         self._param_sq_cache.clear()  # masters may have been replaced; params are usually loaded alongside
         self._master_versions.clear()  # loaded masters are the truth, whatever happened to the params
-        for group in self.param_groups:
+        for group in self.param_groups:  # a state_dict of torch.optim.SGD or of an older version lacks some keys
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        self._track_groups()
         for p, saved in fp32_state.items():
             for key, value in saved.items():
                 self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
@@ -391,11 +507,9 @@ class _MomentumOptimizer(Optimizer):
                 raise ValueError(f"{name}.load_state_dict: param group {index} holds {len(saved['params'])} "
                                  f"params in the state_dict and {len(current['params'])} in the optimizer")
             group = dict(saved)
-            if group.get("maximize", False):
-                raise ValueError(f"{name}.load_state_dict: param group {index} was saved with maximize=True, "
-                                 f"which this optimizer does not support")
-            for key in _TORCH_ONLY_GROUP_KEYS:
-                group.pop(key, None)
+            for key in _TORCH_GROUP_KEYS:
+                if key not in self.defaults:
+                    group.pop(key, None)
             if isinstance(group.get("lr"), dict) and "legw" in group["lr"]:
                 group["lr"] = LEGW.from_dict(group["lr"]["legw"])
             self._check_group({**self.defaults, **group}, index)
@@ -417,12 +531,22 @@ class _MomentumOptimizer(Optimizer):
         # The step count is the largest one saved (all equal when we saved it); torch.optim.SGD saves none: 0.
         return {**state_dict, "param_groups": groups}, max(steps, default=0)
 
+    def _track_groups(self) -> None:
+        """After the groups were replaced (load_state_dict, unpickling): which LEGW drives each group, and their
+        values (see _legw_lrs, _groups_seen)."""
+        self._legw_lrs = [g["lr"] if isinstance(g["lr"], LEGW) else None for g in self.param_groups]
+        self._groups_seen = [_group_values(g) for g in self.param_groups]
+
     # copy.deepcopy / pickle: torch.optim.Optimizer keeps only defaults, state and param_groups.
     def __getstate__(self):
         return {**super().__getstate__(), "backend": self.backend, "cache_norms": self.cache_norms}
 
     def __setstate__(self, state):
+        # torch's __setstate__ adds "differentiable" to the defaults of every optimizer; ours keep the keys their
+        # constructor defines, since load_state_dict fills every group from them (a state_dict must load as saved).
+        defaults = dict(state["defaults"] if "defaults" in state else self.defaults)
         super().__setstate__(state)
+        self.defaults = defaults
         if "_step_counters" not in self.__dict__:  # unpickled, not load_state_dict's internal call
             self.backend = state.get("backend", "auto")
             self.cache_norms = state.get("cache_norms", True)
@@ -430,6 +554,7 @@ class _MomentumOptimizer(Optimizer):
             self._master_versions = {}
             t = max((int(s["step"]) for s in self.state.values() if s.get("step") is not None), default=0)
             self._link_step_counters(t)
+            self._track_groups()
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
@@ -446,15 +571,41 @@ def _checked_step(name: str, key, step) -> int:
     return int(value)
 
 
-def _check_nonnegative(where: str, name: str, value) -> None:
+def _check_nonnegative(where: str, name: str, value, torch_name: str | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where}: {name} must be a real number, got {value!r}")
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value}")
+        raise ValueError(f"{where}: Invalid {torch_name or name + ' value'}: {value}; {name} must be a finite number "
+                         f">= 0")
+
+
+def _check_tensor_lr(lr, where: str) -> None:
+    """The value of a tensor lr (one host read: at construction and add_param_group only, never in step())."""
+    if isinstance(lr, Tensor):
+        value = lr.item()
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{where}: Invalid learning rate: {value}; lr must be a finite number >= 0")
+
+
+def _group_values(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the backends compute a parameter in: complex ones are updated through torch.view_as_real."""
+    return dtype.to_real() if dtype.is_complex else dtype
 
 
 class SGD(_MomentumOptimizer):
-    """Momentum SGD with exactly torch.optim.SGD's update; ``lr`` is a float, a tensor or a ``LEGW`` schedule.
+    """torch.optim.SGD with the same signature and update; ``lr`` is a float, a tensor or a ``LEGW`` schedule.
+
+    ``maximize``, complex parameters (updated through their real views, the momentum buffer stays complex),
+    sparse gradients and ``differentiable=True`` as in torch.optim.SGD; the last two are served by the reference
+    backend through torch.optim's own functional SGD (a LEGW lr is then read on the host).
+
+    ``fused``: None (default) lets ``backend`` choose; True requires a fused backend (cpp, cuda, triton) for every
+    parameter and raises if none can run; False runs the reference backend ("torch"). ``foreach`` is accepted for
+    torch's signature and has no effect: every backend is multi-tensor (the reference over torch._foreach_* ops).
 
     ``master_weights=True``: bf16/fp16 parameters are updated through an fp32 copy (state ``master_param``) with an
     fp32 momentum buffer, and receive its rounding; fp32 parameters are unaffected. A parameter changed outside the
@@ -464,10 +615,24 @@ class SGD(_MomentumOptimizer):
     A ``lars`` key in param groups (from ``param_groups()``) is ignored by SGD.
     """
 
-    def __init__(self, params, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 backend="auto", master_weights=False):
+    _flags = _MomentumOptimizer._flags + ("differentiable",)
+    _optional_flags = ("foreach", "fused")
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None, backend="auto",
+                 master_weights=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, master_weights=master_weights), backend)
+                                      nesterov=nesterov, maximize=maximize, foreach=foreach,
+                                      differentiable=differentiable, fused=fused, master_weights=master_weights),
+                         backend)
+
+    def _check_group(self, group: dict, where) -> None:
+        super()._check_group(group, where)
+        if group["fused"]:  # torch.optim.SGD's errors, word for word
+            if group["differentiable"]:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if group["foreach"]:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
     def _hyperparameters(self, group: dict) -> dict:
         return {**super()._hyperparameters(group), "lars": False}
@@ -477,7 +642,8 @@ class LARS(_MomentumOptimizer):
     """LARS: SGD whose per-tensor step is scaled by the trust ratio tc*|p| / (|g| + wd*|p| + eps).
 
     Param groups may carry ``lars`` (default True); ``lars=False`` groups (biases, norms) take the plain SGD step.
-    With ``trust_clip=True`` the ratio becomes min(ratio / lr, 1) (LARC's clip mode). Equals timm's ``Lars`` with
+    ``max_trust_ratio`` (None: off) clamps the ratio from above; with ``trust_clip=True`` the ratio then becomes
+    min(ratio / lr, 1) (LARC's clip mode). ``maximize`` as in torch.optim.SGD. Equals timm's ``Lars`` with
     ``always_adapt=True``.
 
     ``cache_norms`` (fused backends): the update that writes p_{t+1} also sums its squares, so the next step's norm
@@ -494,28 +660,66 @@ class LARS(_MomentumOptimizer):
     _flags = _MomentumOptimizer._flags + ("lars", "trust_clip")
 
     def __init__(self, params, lr, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 trust_coefficient=0.001, eps=1e-8, trust_clip=False, *, backend="auto", master_weights=False,
-                 cache_norms=True):
+                 trust_coefficient=0.001, eps=1e-8, trust_clip=False, *, max_trust_ratio=None, maximize=False,
+                 backend="auto", master_weights=False, cache_norms=True):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, lars=True, trust_coefficient=trust_coefficient, eps=eps,
-                                      trust_clip=trust_clip, master_weights=master_weights), backend, cache_norms)
+                                      nesterov=nesterov, maximize=maximize, lars=True,
+                                      trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip,
+                                      max_trust_ratio=max_trust_ratio, master_weights=master_weights),
+                         backend, cache_norms)
+
+    def _check_group(self, group: dict, where) -> None:
+        super()._check_group(group, where)
+        cap = group["max_trust_ratio"]
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, numbers.Real):
+                raise TypeError(f"{self._where(where)}: max_trust_ratio must be None or a real number, got {cap!r}")
+            if not cap > 0:  # also NaN; +inf is allowed and means no clamp, as None
+                raise ValueError(f"{self._where(where)}: max_trust_ratio must be > 0 (or None: no clamp), got {cap}")
 
     def _hyperparameters(self, group: dict) -> dict:
         return {**super()._hyperparameters(group), "lars": group["lars"],
                 "trust_coefficient": group["trust_coefficient"], "eps": group["eps"],
-                "trust_clip": group["trust_clip"]}
+                "trust_clip": group["trust_clip"], "max_trust_ratio": group["max_trust_ratio"]}
 
 
-def param_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = True) -> list[dict]:
-    """Param groups for SGD/LARS: with ``exclude_bias_and_norm``, 1-D parameters (biases, norm weights) get
-    weight_decay 0 and lars False, the rest ``weight_decay`` and lars True. Frozen parameters are left out."""
+# Modules whose parameters are normalisation scales and shifts: no weight decay and no LARS adaptation, whatever
+# their shape (a LayerNorm over (C, H) has a 2-D weight). _NormBase covers BatchNorm*, SyncBatchNorm, InstanceNorm*.
+NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d,
+                nn.RMSNorm)
+
+
+def _is_bias(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf == "bias" or leaf.startswith("bias_") or leaf.endswith("_bias")  # bias_ih_l0, in_proj_bias
+
+
+def param_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = True, *,
+                 exclude=None) -> list[dict]:
+    """Param groups for SGD/LARS: ``{"weight_decay": weight_decay, "lars": True}`` for the adapted parameters and
+    ``{"weight_decay": 0.0, "lars": False}`` for the excluded ones (the filter of the LARS reference codes, used
+    both as weight-decay filter and as LARS-adaptation filter). Frozen parameters are left out; a parameter shared
+    by several modules appears once.
+
+    Excluded with ``exclude_bias_and_norm``: parameters of normalisation layers (``NORM_MODULES``, by module type),
+    biases (by name: ``bias``, ``bias_*``, ``*_bias``) and every parameter with ndim <= 1. Also excluded: those
+    for which ``exclude(name, param)`` is True (``name`` as in ``model.named_parameters()``).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups: model must be a torch.nn.Module, got {type(model).__name__}")
     _check_nonnegative("param_groups", "weight_decay", weight_decay)
-    adapted, plain = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (plain if exclude_bias_and_norm and p.ndim <= 1 else adapted).append(p)
+    if exclude is not None and not callable(exclude):
+        raise TypeError(f"param_groups: exclude must be None or a callable (name, param) -> bool, got {exclude!r}")
+    adapted, plain, seen = [], [], set()
+    for module_name, module in model.named_modules():
+        in_norm = isinstance(module, NORM_MODULES)
+        for leaf, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            excluded = exclude_bias_and_norm and (in_norm or _is_bias(name) or p.ndim <= 1)
+            (plain if excluded or (exclude is not None and exclude(name, p)) else adapted).append(p)
     groups = []
     if adapted:
         groups.append({"params": adapted, "weight_decay": weight_decay, "lars": True})

@@ -203,6 +203,12 @@ class LEGW:
     def __hash__(self) -> int:
         return hash(tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in self.to_dict().items()))
 
+    def __float__(self):
+        # What reads group["lr"] as a number (torch's ReduceLROnPlateau: float(group["lr"])) meets a schedule.
+        raise TypeError(f"{self!r} is a schedule, not a number: a torch LR scheduler cannot drive an optimizer whose "
+                        f"lr is a LEGW (it would replace the schedule). Keep the LEGW lr alone, or give the optimizer "
+                        f"a float lr and drive it by legw_fused.LEGWScheduler or the torch scheduler.")
+
     def __getstate__(self):
         return self.to_dict()
 

@@ -11,10 +11,12 @@ from legw_fused import LEGW
 class FormulaLARS:
     """LARS written out per parameter, straight from the issue's definition, with Python-float control flow."""
 
-    def __init__(self, params, lr, momentum, dampening, weight_decay, nesterov, tc, eps, trust_clip, lars=True):
+    def __init__(self, params, lr, momentum, dampening, weight_decay, nesterov, tc, eps, trust_clip, lars=True,
+                 max_trust_ratio=None, maximize=False):
         self.params, self.lr, self.m, self.damp, self.wd, self.nesterov = params, lr, momentum, dampening, \
             weight_decay, nesterov
         self.tc, self.eps, self.clip, self.lars = tc, eps, trust_clip, lars
+        self.cap, self.maximize = max_trust_ratio, maximize
         self.bufs = [None] * len(params)
         self.t = 0
 
@@ -24,11 +26,13 @@ class FormulaLARS:
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
-            g = p.grad
+            g = -p.grad if self.maximize else p.grad
             r = 1.0
             p_norm, g_norm = p.double().norm().item(), g.double().norm().item()  # exact enough to be the oracle
             if self.lars and p_norm > 0 and g_norm > 0:
                 r = self.tc * p_norm / (g_norm + self.wd * p_norm + self.eps)
+                if self.cap is not None:
+                    r = min(r, self.cap)
                 if self.clip:
                     r = min(r / lr, 1.0) if lr > 0 else 1.0  # r / 0 = inf, clipped to 1
             d = (g + self.wd * p) * r
@@ -50,6 +54,13 @@ CONFIGS = [
     dict(momentum=0.8, weight_decay=5e-4, dampening=0.2, trust_clip=True),
     dict(momentum=0.0, weight_decay=1e-3, trust_clip=False),
 ]
+# The clamp and maximize: with trust_coefficient 0.02 the ratios of these tensors are ~0.01-0.1, so 0.03 clamps some
+# and not others.
+CAPPED = [
+    dict(momentum=0.9, weight_decay=1e-4, trust_clip=False, max_trust_ratio=0.03),
+    dict(momentum=0.9, weight_decay=1e-4, trust_clip=True, max_trust_ratio=0.03, maximize=True),
+    dict(momentum=0.9, weight_decay=5e-4, nesterov=True, trust_clip=False, maximize=True),
+]
 
 
 def ids(cfg):
@@ -69,7 +80,8 @@ def run_against_formula(cfg, lr, ref_lr, backend, lars=True, steps=20, trust_coe
     ours = legw_fused.LARS([{"params": a, "lars": lars}], lr=lr, trust_coefficient=trust_coefficient, eps=1e-8,
                            backend=backend, **cfg)
     ref = FormulaLARS(b, ref_lr, cfg["momentum"], cfg.get("dampening", 0.0), cfg["weight_decay"],
-                      cfg.get("nesterov", False), trust_coefficient, 1e-8, cfg["trust_clip"], lars=lars)
+                      cfg.get("nesterov", False), trust_coefficient, 1e-8, cfg["trust_clip"], lars=lars,
+                      max_trust_ratio=cfg.get("max_trust_ratio"), maximize=cfg.get("maximize", False))
     gen = torch.Generator().manual_seed(seed)
     for t in range(steps):
         set_random_grads([a, b], gen)
@@ -87,6 +99,21 @@ def run_against_formula(cfg, lr, ref_lr, backend, lars=True, steps=20, trust_coe
 @pytest.mark.parametrize("cfg", CONFIGS, ids=ids)
 def test_float_lr_matches_formula(cfg, backend):
     run_against_formula(cfg, lr=0.5, ref_lr=0.5, backend=backend)
+
+
+@pytest.mark.parametrize("cfg", CAPPED, ids=ids)
+def test_max_trust_ratio_and_maximize_match_formula(cfg, backend):
+    run_against_formula(cfg, lr=0.5, ref_lr=0.5, backend=backend)
+
+
+def test_max_trust_ratio_clamps_the_raw_ratio_before_trust_clip(backend):
+    """By hand: raw ratio 0.1 clamped to 0.04, then trust_clip's min(0.04 / lr, 1) = 0.4 at lr = 0.1."""
+    p = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # |p| = 5
+    p.grad = torch.tensor([0.0, 0.5])  # |g| = 0.5: r = 0.01 * 5 / 0.5 = 0.1
+    opt = legw_fused.LARS([p], lr=0.1, momentum=0.0, trust_coefficient=0.01, eps=0.0, trust_clip=True,
+                          max_trust_ratio=0.04, backend=backend)
+    opt.step()
+    assert_close(p.detach(), torch.tensor([3.0, 4.0 - 0.1 * 0.4 * 0.5]), "formula_fp32")
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=ids)
@@ -170,3 +197,54 @@ def test_param_groups_helper():
         legw_fused.param_groups(model, weight_decay=-1.0)
     with pytest.raises(TypeError, match="nn.Module"):
         legw_fused.param_groups(list(model.parameters()), weight_decay=0.0)
+    with pytest.raises(TypeError, match="exclude must be None or a callable"):
+        legw_fused.param_groups(model, weight_decay=0.0, exclude="bias")
+
+
+class _Block(torch.nn.Module):
+    """Parameters a shape rule alone gets wrong: a 2-D bias, a 2-D LayerNorm weight, a 1-D non-bias scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.ln = torch.nn.LayerNorm((4, 5))
+        self.gn = torch.nn.GroupNorm(2, 4)
+        self.rms = torch.nn.RMSNorm(5)
+        self.pos_bias = torch.nn.Parameter(torch.zeros(4, 5))
+        self.scale = torch.nn.Parameter(torch.ones(5))
+        self.lstm = torch.nn.LSTM(5, 3)
+        self.emb = torch.nn.Embedding(7, 5)
+
+
+def test_param_groups_excludes_norm_layers_by_type_and_biases_by_name():
+    model = torch.nn.Sequential(_Block(), torch.nn.Linear(5, 2))
+    model[1].weight = model[0].emb.weight  # tied: listed once
+    # Written out: (name, excluded) for every trainable parameter, in model.named_parameters() order.
+    expected = {
+        "0.pos_bias": True, "0.scale": True, "0.conv.weight": False, "0.conv.bias": True, "0.bn.weight": True,
+        "0.bn.bias": True, "0.ln.weight": True, "0.ln.bias": True, "0.gn.weight": True, "0.gn.bias": True,
+        "0.rms.weight": True, "0.lstm.weight_ih_l0": False, "0.lstm.weight_hh_l0": False, "0.lstm.bias_ih_l0": True,
+        "0.lstm.bias_hh_l0": True, "0.emb.weight": False, "1.bias": True,
+    }
+    named = dict(model.named_parameters())
+    assert list(named) == list(expected)
+    groups = legw_fused.param_groups(model, weight_decay=1e-4)
+    adapted, plain = groups
+    assert (adapted["weight_decay"], adapted["lars"], plain["weight_decay"], plain["lars"]) == (1e-4, True, 0.0, False)
+    assert [id(p) for p in adapted["params"]] == [id(named[n]) for n, ex in expected.items() if not ex]
+    assert [id(p) for p in plain["params"]] == [id(named[n]) for n, ex in expected.items() if ex]
+    # exclude(name, param): the weight_decay_filter / lars_adaptation_filter of the LARS reference codes.
+    calls = []
+
+    def exclude(name, p):
+        calls.append(name)
+        return name.startswith("0.lstm.")
+
+    adapted, plain = legw_fused.param_groups(model, weight_decay=1e-4, exclude=exclude)
+    assert calls == [n for n, ex in expected.items() if not ex]  # asked about the others only
+    assert [id(p) for p in adapted["params"]] == [id(named[n]) for n, ex in expected.items()
+                                                  if not ex and not n.startswith("0.lstm.")]
+    only_exclude = legw_fused.param_groups(model, weight_decay=1e-4, exclude_bias_and_norm=False,
+                                           exclude=lambda name, p: name.endswith("bias"))
+    assert [id(p) for p in only_exclude[1]["params"]] == [id(named[n]) for n in expected if n.endswith("bias")]

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 import legw_fused
-from _helpers import assert_close, assert_unchanged, clone_params, make_params, set_random_grads, snapshot, tol_for
+from _helpers import (
+    assert_close,
+    assert_unchanged,
+    clone_params,
+    make_params,
+    require_backend,
+    set_random_grads,
+    snapshot,
+    tol_for,
+)
 from legw_fused import LARS, LEGW, SGD
 
 SCHED = LEGW(0.1, 32, 128, 0.5, 10, 4)
@@ -68,7 +77,9 @@ def test_torch_sgd_state_dict_loads_and_continues_identically(cfg, backend):
     b = clone_params(a)
     ours = SGD(b, lr=0.9, backend=backend, **cfg)
     ours.load_state_dict(save_load(theirs.state_dict()))
-    assert ours.param_groups[0]["lr"] == 0.05 and "foreach" not in ours.param_groups[0]
+    # torch's group keys load as they are (foreach, fused, differentiable, maximize: ours mean the same).
+    assert {k: v for k, v in ours.param_groups[0].items() if k != "master_weights"} == theirs.param_groups[0] | \
+        {"params": ours.param_groups[0]["params"]}
     steps([(theirs, a), (ours, b)], 10, gen)
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pa, pb, **tol_for(backend))
@@ -248,9 +259,10 @@ def test_closure_zero_grad_hooks_and_add_param_group(backend):
 
 
 def test_lr_schedule_runs_without_host_reads(monkeypatch):
-    """The LEGW LR and LARS ratios stay tensors: no .item()/float()/bool() on a tensor inside step()."""
+    """The LEGW LR and LARS ratios stay tensors: no .item()/float()/bool() on a tensor inside step() (a fused
+    backend; the reference reads CPU values on the host, where that costs no sync)."""
     a = make_params()
-    opt = LARS(a, lr=SCHED, momentum=0.9, trust_clip=True, weight_decay=1e-4)
+    opt = LARS(a, lr=SCHED, momentum=0.9, trust_clip=True, weight_decay=1e-4, backend=require_backend("cpp"))
     gen = torch.Generator().manual_seed(5)
     set_random_grads([a], gen)
     opt.step()
@@ -291,13 +303,25 @@ def test_backend_selection_explains_itself():
     ("sgd", dict(lr="0.1"), TypeError, "lr must be a real number"),
     ("sgd", dict(lr=torch.tensor(-0.1)), ValueError, "lr must be a finite number >= 0"),
     ("sgd", dict(lr=torch.tensor(math.inf)), ValueError, "lr must be a finite number >= 0"),
-    ("sgd", dict(lr=torch.tensor([0.1, 0.2])), ValueError, "one floating-point value"),
-    ("sgd", dict(lr=0.1, momentum=-0.9), ValueError, "momentum must be a finite number >= 0"),
+    ("sgd", dict(lr=torch.tensor([0.1, 0.2])), ValueError, "Tensor lr must be 1-element"),
+    ("sgd", dict(lr=torch.tensor(1)), ValueError, "Tensor lr must be 1-element and floating-point"),
+    ("sgd", dict(lr=0.1, momentum=-0.9), ValueError, "Invalid momentum value: -0.9; momentum must be a finite "
+                                                     "number >= 0"),
+    ("sgd", dict(lr=-0.1), ValueError, "Invalid learning rate: -0.1"),
     ("sgd", dict(lr=0.1, momentum=0.9, dampening=-0.1), ValueError, "dampening must be"),
     ("sgd", dict(lr=0.1, weight_decay=-1e-4), ValueError, "weight_decay must be"),
-    ("sgd", dict(lr=0.1, nesterov=True), ValueError, "nesterov requires momentum > 0"),
+    ("sgd", dict(lr=0.1, nesterov=True), ValueError, "Nesterov momentum requires a momentum and zero dampening"),
     ("sgd", dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), ValueError, "dampening = 0"),
     ("sgd", dict(lr=0.1, nesterov=1), TypeError, "nesterov must be a bool"),
+    ("sgd", dict(maximize=1), TypeError, "maximize must be a bool"),
+    ("sgd", dict(foreach="yes"), TypeError, "foreach must be None or a bool"),
+    ("sgd", dict(fused=True, differentiable=True), RuntimeError, "`fused` does not support `differentiable`"),
+    ("sgd", dict(fused=True, foreach=True), RuntimeError, "`fused` and `foreach` cannot be `True` together"),
+    ("sgd", dict(fused=True, backend="torch"), RuntimeError, "fused=True needs a fused backend"),
+    ("sgd", dict(differentiable=True, backend="cpp"), RuntimeError, "differentiable=True runs on the reference"),
+    ("lars", dict(lr=0.1, max_trust_ratio=0.0), ValueError, "max_trust_ratio must be > 0"),
+    ("lars", dict(lr=0.1, max_trust_ratio=math.nan), ValueError, "max_trust_ratio must be > 0"),
+    ("lars", dict(lr=0.1, max_trust_ratio="1"), TypeError, "max_trust_ratio must be None or a real number"),
     ("lars", dict(lr=0.1, eps=-1e-8), ValueError, "eps must be"),
     ("lars", dict(lr=0.1, trust_coefficient=-0.001), ValueError, "trust_coefficient must be"),
     ("lars", dict(lr=0.1, trust_clip="yes"), TypeError, "trust_clip must be a bool"),
@@ -310,8 +334,9 @@ def test_bad_hyperparameters_raise_at_construction(kind, kwargs, error, match):
 
 @pytest.mark.parametrize("key,value,match", [
     ("lr", -1.0, "lr must be"), ("momentum", -0.5, "momentum must be"), ("weight_decay", math.inf, "weight_decay"),
-    ("nesterov", True, "nesterov requires"), ("trust_coefficient", -1.0, "trust_coefficient"),
-    ("eps", -1.0, "eps must be"), ("lars", "no", "lars must be a bool"), ("maximize", True, "maximize"),
+    ("nesterov", True, "Nesterov momentum requires"), ("trust_coefficient", -1.0, "trust_coefficient"),
+    ("eps", -1.0, "eps must be"), ("lars", "no", "lars must be a bool"), ("maximize", 1, "maximize must be a bool"),
+    ("max_trust_ratio", -1.0, "max_trust_ratio must be > 0"),
 ])
 def test_bad_group_edit_raises_at_step_before_any_change(key, value, match):
     a = make_params()
@@ -326,27 +351,53 @@ def test_bad_group_edit_raises_at_step_before_any_change(key, value, match):
     assert_unchanged(opt, snap)
 
 
-def test_sparse_gradient_raises_before_any_change():
+@pytest.mark.parametrize("lr", [0.1, SCHED], ids=["float-lr", "legw-lr"])
+@pytest.mark.parametrize("cfg", [dict(), dict(momentum=0.9, dampening=0.2), dict(maximize=True)], ids=str)
+def test_sparse_gradients_step_as_torch_sgd(cfg, lr):
+    """Sparse gradients (an nn.Embedding(sparse=True)) take torch.optim.SGD's own step, bit for bit; the dense
+    params of the same group keep theirs."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ours = SGD(models[0].parameters(), lr=lr, **cfg)
+    theirs = torch.optim.SGD(models[1].parameters(), lr=1.0 if isinstance(lr, LEGW) else lr, **cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(theirs, SCHED.lr) if isinstance(lr, LEGW) else None
+    for t in range(6):
+        x = torch.tensor([[t % 10, 3, 7], [1, 2, (5 * t) % 10]])
+        for opt, model in zip((ours, theirs), models):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+        if schedule is not None:
+            schedule.step()
+        assert models[0][0].weight.grad.is_sparse
+        for pa, pb in zip(models[0].parameters(), models[1].parameters()):
+            assert_close(pa, pb, "exact")
+
+
+@pytest.mark.parametrize("kind", ["lars", "sgd-cpp"])
+def test_sparse_gradient_in_lars_group_or_on_fused_backend_raises_before_any_change(kind):
     a = make_params()
-    opt = SGD(a, lr=0.1, momentum=0.9)
+    opt = LARS(a, lr=0.1) if kind == "lars" else SGD(a, lr=0.1, momentum=0.9, backend=require_backend("cpp"))
     gen = torch.Generator().manual_seed(7)
     steps([(opt, a)], 1, gen)
     set_random_grads([a], gen)
     a[-1].grad = a[-1].grad.to_sparse()
     snap = snapshot(opt)
-    with pytest.raises(RuntimeError, match="sparse gradients are not supported"):
+    match = "not supported by LARS" if kind == "lars" else "sparse gradients runs on the reference backend"
+    with pytest.raises(RuntimeError, match=match):
         opt.step()
     assert_unchanged(opt, snap)
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.complex64, torch.bool])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.complex32, torch.bool])
 def test_non_float_params_are_rejected(dtype):
     good = make_params()
     bad = torch.zeros(3, dtype=dtype)
     with pytest.raises(TypeError, match=f"parameter 1 has dtype {dtype}"):
         SGD([good[0], bad], lr=0.1)
     opt = SGD(good, lr=0.1)
-    with pytest.raises(TypeError, match="only real floating-point"):
+    with pytest.raises(TypeError, match="only floating-point and complex64/complex128 parameters"):
         opt.add_param_group({"params": [bad]})
     assert len(opt.param_groups) == 1
 

@@ -4,7 +4,9 @@ This is at once the "torch" backend (the fallback on every device), the oracle e
 against, and the benchmark baseline. It never reads a value back to the host and never loops over elements.
 
 One call updates one bucket: tensors of one device and one dtype. Lists are indexed by tensor; ``lr`` is a float,
-a 0-dim tensor on the bucket's device, or a LEGW schedule evaluated at the device step count ``step``.
+a 0-dim tensor on the bucket's device, or a LEGW schedule evaluated at the device step count ``step``. On CPU a
+tensor LR and the step count are read as Python numbers (no device to sync with), so that ``p - lr * d`` is one
+rounding as in torch.optim.SGD; on GPUs and under torch.compile they stay tensors (``p - (lr * d)``: two roundings).
 
 Update (torch.optim.SGD's, with LARS's trust ratio r; r = 1 without LARS; g = -g first with maximize):
     d   = r * (g + weight_decay * p)
@@ -20,10 +22,17 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.optim.sgd import sgd as _torch_functional_sgd
 
 from ..schedule import LEGW
 
-__all__ = ["step_", "sum_squares", "trust_ratios"]
+__all__ = ["step_", "sum_squares", "trust_ratios", "torch_sgd_"]
+
+
+def _read_on_host(t: Tensor) -> bool:
+    """Whether a 0-dim tensor is read as a Python number: on CPU, where .item() waits for nothing (not while
+    torch.compile traces, where it would break the graph)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def sum_squares(params: list[Tensor], grads: list[Tensor], masters: list[Tensor] | None = None,
@@ -102,7 +111,7 @@ def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], 
           lars: bool = False, trust_coefficient: float = 0.0, eps: float = 0.0, trust_clip: bool = False,
           max_trust_ratio: float | None = None, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
           masters: list[Tensor] | None = None, norms_sq: Tensor | None = None, param_sq: Tensor | None = None,
-          param_sq_cached: bool = False) -> list[Tensor | None]:
+          param_sq_cached: bool = False, torch_sgd: bool = False, differentiable: bool = False) -> list[Tensor | None]:
     """Update ``params`` (and the momentum buffers) in place; return the buffers, new ones made on first use.
 
     ``step`` is the device int64 step count (steps already taken); it is read only when ``lr`` is a LEGW schedule.
@@ -111,15 +120,24 @@ def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], 
     multiplied by 1/grad_scale (GradScaler's unscale, into new tensors). This backend cannot skip on the device:
     the optimizer reads found_inf on the host and calls it only for finite steps. ``norms_sq`` ([2, N], sums of
     squares of the params and the unscaled grads, e.g. all-reduced over the ranks of a sharded model) replaces the
-    LARS norms. This backend keeps no |p|^2 cache: ``param_sq`` must be None.
+    LARS norms. This backend keeps no |p|^2 cache: ``param_sq`` must be None. ``torch_sgd``: the plain SGD step
+    of torch.optim's own functional SGD (sparse gradients; ``differentiable``: with autograd recording the update).
     """
     if found_inf is not None or param_sq is not None:
         raise AssertionError("the reference backend is only called for steps known to be finite, without a "
                              "|p|^2 cache")
     if not params:
         return bufs
+    if torch_sgd:
+        return torch_sgd_(params, grads, bufs, lr=lr, step=step, momentum=momentum, dampening=dampening,
+                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, grad_scale=grad_scale,
+                          differentiable=differentiable)
     if isinstance(lr, LEGW):
-        lr = lr.lr_tensor(step)
+        # The schedule in Python (LEGW.lr, the definition) where the step count is at hand: the float torch's
+        # LambdaLR(lr_lambda=LEGW.lr) would give. Else its tensor twin, in torch ops on the device.
+        lr = lr.lr(int(step)) if _read_on_host(step) else lr.lr_tensor(step)
+    elif isinstance(lr, Tensor) and _read_on_host(lr):
+        lr = lr.item()
     hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
               maximize=maximize, lars=lars, trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip,
               max_trust_ratio=max_trust_ratio, norms_sq=norms_sq)
@@ -150,3 +168,22 @@ def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], 
             b.copy_(new)
             out.append(b)
     return out
+
+
+def torch_sgd_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], *, lr, step: Tensor,
+               momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+               grad_scale: Tensor | None, differentiable: bool) -> list[Tensor | None]:
+    """torch.optim.SGD's own single-tensor step (torch.optim.sgd.sgd): for sparse gradients, which our update
+    does not take, and for ``differentiable=True``, where autograd records the update as torch's does. A LEGW lr
+    is evaluated on the host (a device sync on GPUs: these are torch's slow paths anyway)."""
+    if isinstance(lr, LEGW):
+        lr = lr.lr(int(step))
+    if grad_scale is not None:  # GradScaler's unscale (torch's functional SGD takes no grad_scale)
+        inv_scale = grad_scale.double().reciprocal().float()
+        grads = [g * inv_scale for g in grads]
+    bufs = list(bufs)
+    with torch.set_grad_enabled(differentiable):
+        _torch_functional_sgd(params, grads, bufs, has_sparse_grad=any(g.is_sparse for g in grads),
+                              foreach=False, fused=False, weight_decay=weight_decay, momentum=momentum, lr=lr,
+                              dampening=dampening, nesterov=nesterov, maximize=maximize)
+    return bufs

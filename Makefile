@@ -6,7 +6,7 @@ DEPS    := $(VENV)/.deps-installed
 BUILT   := $(VENV)/.extension-built
 FLAGS   := $(VENV)/.build-flags
 # The editable install serves Python changes directly; only these need a rebuild of legw_fused._C.
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py legw_fused/_build_config.py
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.inc') setup.py legw_fused/_build_config.py
 BUILD_FLAGS := skip=$(LEGW_FUSED_SKIP_CUDA_BUILD) force=$(LEGW_FUSED_FORCE_CUDA_BUILD) \
 	cuda_home=$(CUDA_HOME) arch=$(TORCH_CUDA_ARCH_LIST)
 

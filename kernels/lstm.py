@@ -1,4 +1,4 @@
-"""Triton LSTM layer kernels: the "triton" LSTM backend (legw_fused/functional.py has the maths).
+"""Triton LSTM layer kernels: the "triton" LSTM backend (legw_fused/ops/lstm_reference.py has the maths).
 
 Legend: T steps, B batch, H hidden, G = 4H gate columns (i, f, g, o), BB batch rows per program, BH a power of two
 >= H (a whole hidden state per program), BK/BN tiles of the per-step kernel.

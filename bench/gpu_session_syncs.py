@@ -17,7 +17,7 @@ import contextlib
 import torch
 
 import legw_fused
-from legw_fused.backends import AUTO_ORDER, LSTM_BACKENDS, STEP_BACKENDS
+from legw_fused.backends import LSTM_BACKENDS, STEP_BACKENDS
 
 SHAPES = [(1000, 512), (512,), (7,), (65537,)]  # a matrix, a bias, a tail-only tensor, an odd size past 64K
 SCHEDULE = dict(base_lr=0.5, base_batch_size=32, batch_size=256, base_warmup_epochs=0.125, steps_per_epoch=4,
@@ -65,7 +65,7 @@ def lstm_pass(backend: str, device: torch.device):
 
 def cases(device: torch.device):
     """(label, callable or None, why not) for every fused backend of this device."""
-    fused = [name for name in AUTO_ORDER[device.type] if name != "torch"]
+    fused = [name for name in STEP_BACKENDS.auto_order[device.type] if name != "torch"]
     for name in fused:
         for dtype in (torch.float32, torch.bfloat16):
             reason = STEP_BACKENDS[name].unavailable_reason(device.type, dtype)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .backends import AUTO_ORDER, STEP_BACKENDS, StepBackend, check_backend_name, select
+from .backends import STEP_BACKENDS, StepBackend, check_backend_name, select
 from .distributed import all_reduce_sum_, any_dtensor, is_dtensor, local_tensor, sharded_norm_group, wrap_like
 from .schedule import LEGW
 
@@ -164,8 +164,8 @@ class _MomentumOptimizer(Optimizer):
                                    f"backend={self.backend!r} was asked for")
             return STEP_BACKENDS["torch"]
         if fused:
-            names = [n for n in AUTO_ORDER.get(device.type, ()) if n != "torch"] if self.backend == "auto" else \
-                [self.backend]
+            auto = [n for n in STEP_BACKENDS.auto_order.get(device.type, ()) if n != "torch"]
+            names = auto if self.backend == "auto" else [self.backend]
             reasons = {n: STEP_BACKENDS[n].unavailable_reason(device.type, dtype, contiguous) if n != "torch" else
                        "it is the reference, not a fused backend" for n in names}
             for n, reason in reasons.items():

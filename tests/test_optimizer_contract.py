@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import legw_fused
 from _helpers import (
@@ -276,6 +277,64 @@ def test_lr_schedule_runs_without_host_reads(monkeypatch):
     opt.step()
     monkeypatch.undo()
     assert int(opt.state[a[0]]["step"]) == 2
+
+
+class _HostTraffic(TorchDispatchMode):
+    """Every op that, with the parameters on a GPU, would read a value to the host (a sync) or copy host memory to
+    the device: .item()-style reads, tensors made from Python data (torch.tensor -> lift_fresh), factory ops made
+    without an explicit device (on a GPU they land on the CPU and must then be copied; seen as "meta" under
+    ``torch.device("meta")``, since torch fills in the default device), and cross-device copies."""
+
+    HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal"}
+    FROM_PYTHON = {"lift_fresh", "lift_fresh_copy"}
+    FACTORIES = {"arange", "empty", "zeros", "ones", "full", "scalar_tensor", "empty_strided", "tensor", "linspace"}
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        if name in self.HOST_READS:
+            self.found.append(f"host read: {func}")
+        elif name in self.FROM_PYTHON:
+            self.found.append(f"tensor from Python data: {func}")
+        elif name in self.FACTORIES and torch.device(kwargs.get("device") or "cpu").type == "meta":
+            # Made without an explicit device (the test's default device is "meta"): on a GPU, a CPU tensor that
+            # must then be copied over. Made on the CPU here so that the step goes on.
+            self.found.append(f"factory without device=: {func}")
+            kwargs = {**kwargs, "device": torch.device("cpu")}
+        elif name in ("_to_copy", "copy_") and isinstance(args[0], torch.Tensor):
+            dst = kwargs.get("device") if name == "_to_copy" else args[0].device
+            src = args[0].device if name == "_to_copy" else args[1].device
+            if dst is not None and torch.device(dst) != src:
+                self.found.append(f"cross-device copy {src} -> {dst}: {func}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+@pytest.mark.parametrize("kind,cache", [("sgd", True), ("lars", True), ("lars", False)])
+def test_step_after_the_first_makes_no_host_read_or_host_to_device_copy(kind, cache, backend, monkeypatch):
+    """After the first step, step() is graph-capturable: no sync, no copy from (pageable) host memory. Also the step
+    in which some parameters start their momentum while others continue it (the LARS |p|^2 cache then splits its
+    chunks by index: the index must be made on the device, not copied from the host)."""
+    require_backend(backend)
+    # The reference reads a CPU step count or lr as a Python number (no sync on the CPU: torch's float-lr
+    # arithmetic); on a GPU it takes its device path, which is the one checked here.
+    monkeypatch.setattr(legw_fused.ops.fused_step_reference, "_read_on_host", lambda t: False)
+    a = make_params()
+    opt = (SGD(a, lr=SCHED, momentum=0.9, weight_decay=1e-4, backend=backend) if kind == "sgd" else
+           LARS(a, lr=SCHED, momentum=0.9, weight_decay=1e-4, trust_clip=True, cache_norms=cache, backend=backend))
+    gen = torch.Generator().manual_seed(3)
+    set_random_grads([a], gen, skip=(1, 3))  # parameters 1 and 3 start their momentum at step 2
+    opt.step()
+    for step in (2, 3):
+        set_random_grads([a], gen)
+        with torch.device("meta"), _HostTraffic() as traffic:
+            opt.step()
+        assert traffic.found == [], f"step {step}: {traffic.found}"
+    assert int(opt.state[a[1]]["step"]) == 3 and "momentum_buffer" in opt.state[a[1]]
 
 
 # ---------------------------------------------------------------------------------------------- backends

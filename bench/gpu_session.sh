@@ -5,7 +5,7 @@
 #
 #   stage                                                                   budget   expected on an H200 (a guess)
 #   1 versions; build legw_fused._C in place for sm_90 only; it loads        240 s    1.5 - 2.5 min
-#   2 pytest -m gpu tests/test_fused_step_gpu.py: cuda, triton vs reference  120 s    1 - 1.5 min
+#   2 tests/test_fused_step_gpu.py: cuda, triton vs reference, torch fused   120 s    1 - 1.5 min
 #   3 CUDA-graph replay, > 2^31 elements, LSTM vs nn.LSTM, no host syncs     150 s    1 - 2 min
 #   4 benchmarks at the shapes, one process per set; optimizer:      300 s    3 - 4 min
 #     resnet50 host-161 lstm-lm flat-1B (<= 60 s each), LSTM: mnist ptb-650
@@ -172,7 +172,7 @@ fi
 
 # -------------------------------------------------------------- 2: the optimizer backends against the reference
 if stage 2 "optimizer correctness" 120; then
-    step "cuda, triton vs reference" "$OUT/tests.log" 0 "$PY" -m pytest -q -p no:cacheprovider -m gpu \
+    step "cuda, triton vs reference" "$OUT/tests.log" 0 "$PY" -m pytest -q -rP -p no:cacheprovider -m gpu \
         tests/test_fused_step_gpu.py -k "not cuda_graph and not 2_31"
 fi
 

@@ -1,11 +1,12 @@
 """LSTM benchmark: legw_fused.LSTM backends against torch's LSTM paths, in one run.
 
-    python -m legw_fused.bench.lstm --device cpu                       # MNIST-LSTM shape, B = 128 and 1024
+    python -m legw_fused.bench.lstm --device cpu                       # MNIST-LSTM shape (B 128, 1024), sine
     python -m legw_fused.bench.lstm --device cuda                      # all settings below
     python -m legw_fused.bench.lstm --device cuda --settings mnist --batches 64 8192
 
 Providers (same weights, same input): ours per backend; nn.LSTM (cuDNN on GPUs, ATen's CPU kernels on CPUs);
-nn.LSTM with cuDNN disabled (torch's native fused cell, GPU only); a loop of nn.LSTMCell; the plain unfused PyTorch
+nn.LSTM with cuDNN disabled (torch's native fused cell, GPU only); a loop of nn.LSTMCell, and the same loop of
+legw_fused.LSTMCell per backend (also reported against the nn.LSTMCell loop); the plain unfused PyTorch
 cell (legw_fused.functional.lstm_layer_reference); FlashRNN if it is installed. Each runs forward only and
 forward + backward (gradients of the input and all weights). Reported: median ms, achieved TFLOP/s at
 8·T·B·H·(I + H) FLOP forward (x3 for forward + backward), speedup over nn.LSTM. JSON and Markdown go to
@@ -32,8 +33,11 @@ SETTINGS = {
     "ptb-650": (35, 650, 650, torch.float32, (20, 80, 640)),
     "ptb-1500": (35, 1500, 1500, torch.float32, (20, 80, 640)),
     "flashrnn": (1024, 768, 768, torch.bfloat16, (16,)),
+    # torch's time-sequence-prediction example (sine waves, float64, LSTMCell loops), on 100 of its 999 steps.
+    "sine": (100, 1, 51, torch.float64, (97,)),
 }
-CPU_DEFAULT = {"mnist": (128, 1024)}
+CPU_DEFAULT = {"mnist": (128, 1024), "sine": (97,)}
+CELL_BASELINE = "nn.LSTMCell loop"
 
 
 def flops(T: int, B: int, I: int, H: int, backward: bool) -> float:
@@ -42,12 +46,14 @@ def flops(T: int, B: int, I: int, H: int, backward: bool) -> float:
 
 
 class _CellLoop(nn.Module):
-    """nn.LSTMCell called once per step: what many hand-written training loops do."""
+    """An LSTMCell called once per step from Python: what many hand-written training loops do (nn.LSTMCell, or
+    legw_fused.LSTMCell with ``backend``)."""
 
-    def __init__(self, lstm: nn.LSTM):
+    def __init__(self, lstm: nn.LSTM, backend: str | None = None):
         super().__init__()
-        self.cell = nn.LSTMCell(lstm.input_size, lstm.hidden_size, device=lstm.weight_ih_l0.device,
-                                dtype=lstm.weight_ih_l0.dtype)
+        kwargs = dict(device=lstm.weight_ih_l0.device, dtype=lstm.weight_ih_l0.dtype)
+        self.cell = (nn.LSTMCell(lstm.input_size, lstm.hidden_size, **kwargs) if backend is None else
+                     legw_fused.LSTMCell(lstm.input_size, lstm.hidden_size, **kwargs, backend=backend))
         self.cell.load_state_dict({k.removesuffix("_l0"): v for k, v in lstm.state_dict().items()})
 
     def forward(self, x):
@@ -86,7 +92,12 @@ def providers(device: torch.device, I: int, H: int, dtype: torch.dtype):
             ours = legw_fused.LSTM(I, H, device=device, dtype=dtype, backend=name)
             ours.load_state_dict(base.state_dict())
             out.append((f"legw_fused.LSTM [{name}]", ours))
-    out.append(("nn.LSTMCell loop", _CellLoop(base)))
+    out.append((CELL_BASELINE, _CellLoop(base)))
+    # legw_fused.LSTMCell in the same loop: "auto" and every fused backend the device can run.
+    for name in ("auto",) + tuple(n for n in LSTM_BACKENDS.auto_order.get(device.type, ()) if n not in ("torch",
+                                                                                                        "native")):
+        if name == "auto" or LSTM_BACKENDS[name].unavailable_reason(device.type, dtype) is None:
+            out.append((f"legw_fused.LSTMCell loop [{name}]", _CellLoop(base, name)))
     out.append(("unfused PyTorch cell", _Unfused(base)))
     if device.type == "cuda" and importlib.util.find_spec("flashrnn") is not None:
         out.append(("FlashRNN", _flashrnn(base)))
@@ -138,11 +149,14 @@ def run_setting(name: str, device: torch.device, batches, warmup: int, reps: int
             else:
                 times = cpu_times_ms(fns, warmup, reps)
             base = times[0]["ms"]
+            cell_base = next(t["ms"] for (pname, _), t in zip(provs, times) if pname == CELL_BASELINE)
             for (pname, _), t in zip(provs, times):
                 ms = t["ms"]
                 rows.append({"setting": name, "T": T, "I": I, "H": H, "B": B, "dtype": str(dtype).removeprefix(
                     "torch."), "pass": "fwd+bwd" if backward else "fwd", "provider": pname, **t,
-                    "TFLOPs": flops(T, B, I, H, backward) / (ms * 1e-3) / 1e12, "vs_nn_LSTM": base / ms})
+                    "TFLOPs": flops(T, B, I, H, backward) / (ms * 1e-3) / 1e12, "vs_nn_LSTM": base / ms,
+                    # cell loops also against nn.LSTMCell's loop: what a script using LSTMCell would switch from
+                    "vs_nn_LSTMCell": cell_base / ms if "LSTMCell loop" in pname else None})
     return rows
 
 
@@ -158,12 +172,14 @@ class _CudnnOff(nn.Module):
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"LSTM layer, {describe(meta)}", "",
-             "| setting | T | I | H | B | dtype | pass | provider | ms (p50) | p20 - p80 | TFLOP/s | vs nn.LSTM |",
-             "|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|"]
+             "| setting | T | I | H | B | dtype | pass | provider | ms (p50) | p20 - p80 | TFLOP/s | vs nn.LSTM | "
+             "vs nn.LSTMCell loop |",
+             "|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        cell = "" if r.get("vs_nn_LSTMCell") is None else f"{r['vs_nn_LSTMCell']:.2f}x"
         lines.append(f"| {r['setting']} | {r['T']} | {r['I']} | {r['H']} | {r['B']} | {r['dtype']} | {r['pass']} | "
                      f"{r['provider']} | {r['ms']:.3f} | {r['p20']:.3f} - {r['p80']:.3f} | {r['TFLOPs']:.3f} | "
-                     f"{r['vs_nn_LSTM']:.2f}x |")
+                     f"{r['vs_nn_LSTM']:.2f}x | {cell} |")
     return "\n".join(lines) + "\n"
 
 

@@ -64,6 +64,8 @@ class StepBackend(Backend):
 class LSTMBackend(Backend):
     # lstm_reference.layer's signature: one layer in one direction, with autograd.
     layer: Callable = None
+    # lstm_reference.cell's signature: one time step (LSTMCell), with autograd.
+    cell: Callable = None
 
 
 def _triton_reason() -> str | None:
@@ -137,19 +139,20 @@ _LSTM_CPU_ORDER, _LSTM_CPU_WHY = _lstm_cpu_auto()
 
 LSTM_BACKENDS: Registry = Registry("LSTM ", {
     "torch": LSTMBackend("torch", None, None, "pure-PyTorch reference (autograd through torch ops)", None,
-                         contiguous_only=False, layer=lstm_reference.layer),
+                         contiguous_only=False, layer=lstm_reference.layer, cell=lstm_reference.cell),
     "cpp": LSTMBackend("cpp", ("cpu",), FUSED_DTYPES + (torch.float64,),
                        "C++ CPU layer: hoisted input GEMM, fused pointwise forward/backward, batched weight grads",
                        _extension_reason("lstm_layer_fwd", "CPU"), contiguous_only=False,
-                       layer=lstm.extension_layer),
+                       layer=lstm.extension_layer, cell=lstm.extension_cell),
     "cuda": LSTMBackend("cuda", ("cuda",), FUSED_DTYPES + (torch.float64,),
                         "CUDA layer: cuBLAS GEMMs + fused pointwise kernels",
-                        _extension_reason("lstm_layer_fwd", "CUDA"), contiguous_only=False, layer=lstm.extension_layer),
+                        _extension_reason("lstm_layer_fwd", "CUDA"), contiguous_only=False, layer=lstm.extension_layer,
+                        cell=lstm.extension_cell),
     "native": LSTMBackend("native", None, None, "torch's own LSTM kernel (oneDNN/MKL on CPU, cuDNN on GPUs)", None,
-                          contiguous_only=False, layer=lstm.native_layer),
+                          contiguous_only=False, layer=lstm.native_layer, cell=lstm.native_cell),
     "triton": LSTMBackend("triton", _TRITON_DEVICES, FUSED_DTYPES,
                           "Triton: persistent whole-sequence kernel (small H) or per-step fused cell" + _INTERPRETED,
-                          _triton_reason(), contiguous_only=False, layer=lstm.triton_layer),
+                          _triton_reason(), contiguous_only=False, layer=lstm.triton_layer, cell=lstm.triton_cell),
 }, {"cuda": ("cuda", "triton", "torch"), "cpu": _LSTM_CPU_ORDER}, {"cpu": _LSTM_CPU_WHY})
 
 

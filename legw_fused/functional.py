@@ -26,8 +26,10 @@ def _autocast_cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
 
 
-def _layer(backend: str, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-           b_hh: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _run(unit: str, backend: str, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+         b_ih: Tensor | None, b_hh: Tensor | None, *extra):
+    """The chosen backend's ``unit`` ("layer" or "cell") on these tensors, after autocast and the same-device/dtype
+    checks."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # As torch.nn.LSTM under autocast (cuDNN's LSTM is on its lower-precision list): input, states and weights
@@ -36,12 +38,17 @@ def _layer(backend: str, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: 
         dtype = torch.get_autocast_dtype(device_type)
         args = [_autocast_cast(t, dtype) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
         with torch.autocast(device_type, enabled=False):
-            return _layer(backend, *args, reverse)
+            return _run(unit, backend, *args, *extra)
     for name, t in (("h0", h0), ("c0", c0), ("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih),
                     ("bias_hh", b_hh)):
         _check_same(name, t, x)
     chosen = select(LSTM_BACKENDS, backend, x.device, x.dtype)
-    return chosen.layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+    return getattr(chosen, unit)(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *extra)
+
+
+def _layer(backend: str, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+           b_hh: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _run("layer", backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
 
 
 def lstm_cell(input: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
@@ -62,7 +69,7 @@ def lstm_cell(input: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b
         if tuple(t.shape) != (x.shape[0], H):
             raise RuntimeError(f"{name} must have shape {(x.shape[0], H)} (batch, hidden_size), "
                                f"got {tuple(t.shape)}")
-    _, h1, c1 = _layer(backend, x[None], h0, c0, w_ih, w_hh, b_ih, b_hh, False)
+    h1, c1 = _run("cell", backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     return (h1, c1) if batched else (h1[0], c1[0])
 
 

@@ -122,8 +122,10 @@ TOL = {
 # 2.9e-6 off at max |buf| ~ 10 (~2.4 ulps); bf16 params 0.023 off at max |p| ~ 4.5 (0.7 ulp).
 ULPS = {torch.float32: 8, torch.bfloat16: 2, torch.float16: 2}
 # LSTM against torch.nn.LSTM, per dtype: (forward, gradients), relative to max(1, the largest magnitude). fp32: GEMMs
-# in another order and a polynomial exp (a few ulps, through T steps); bf16/fp16: GEMM inputs rounded, as torch's.
-LSTM_TOL = {torch.float32: (2e-5, 5e-5), torch.bfloat16: (4e-2, 6e-2), torch.float16: (5e-3, 8e-3)}
+# in another order and a polynomial exp (a few ulps, through T steps); bf16/fp16: GEMM inputs rounded, as torch's;
+# fp64 (the C++ kernel's exact exp, GEMMs in another order): a few ulps of 2^-52 (seen 1.7e-16 over 6 steps).
+LSTM_TOL = {torch.float32: (2e-5, 5e-5), torch.bfloat16: (4e-2, 6e-2), torch.float16: (5e-3, 8e-3),
+            torch.float64: (1e-15, 1e-15)}
 
 
 def tol_for(backend: str) -> dict:
@@ -144,7 +146,8 @@ def assert_close_to_reference(actual, expected, dtype, msg=None):
 
 def assert_close_scaled(name, got, want, tol):
     """Max |got - want| <= tol * max(1, max |want|) (the LSTM comparisons: errors grow with the magnitude)."""
-    got, want = got.float().cpu(), want.float()
+    dtype = torch.float64 if want.dtype == torch.float64 else torch.float32  # fp64 compared in fp64
+    got, want = got.to(dtype).cpu(), want.to(dtype)
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
     err = (got - want).abs().max().item() if want.numel() else 0.0

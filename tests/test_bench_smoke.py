@@ -15,6 +15,11 @@ def test_lstm_bench_writes_rows_for_every_provider(tmp_path):
     providers = {r["provider"] for r in data["rows"]}
     assert {"nn.LSTM", "nn.LSTMCell loop", "unfused PyTorch cell"} <= providers
     assert any(p.startswith("legw_fused.LSTM [") for p in providers)
+    assert "legw_fused.LSTMCell loop [auto]" in providers
+    for r in data["rows"]:  # cell loops are also compared with nn.LSTMCell's loop
+        assert (r["vs_nn_LSTMCell"] is not None) == ("LSTMCell loop" in r["provider"])
+        if r["provider"] == "nn.LSTMCell loop":
+            assert r["vs_nn_LSTMCell"] == 1.0
     assert {r["pass"] for r in data["rows"]} == {"fwd", "fwd+bwd"}
     for r in data["rows"]:
         assert 0 < r["p20"] <= r["ms"] <= r["p80"] and r["TFLOPs"] > 0 and r["B"] == 2 and r["T"] == 28

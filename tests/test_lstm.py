@@ -133,6 +133,53 @@ def test_lstm_cell_matches_torch(lstm_backend, batched, with_state):
         assert_close_scaled(f"d {name}", p.grad, q.grad, LSTM_TOL[torch.float32][1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["native"])
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.float32, False), (torch.float64, True)],
+                         ids=["fp32", "fp32-no-bias", "fp64"])
+def test_lstm_cell_loop_through_time_matches_torch(backend, dtype, bias):
+    """LSTMCell from a Python loop, as hand-written training loops use it (and bench/lstm.py's cell rows): the
+    states and every gradient through 6 steps against nn.LSTMCell in the same dtype (fp64: the shape of torch's
+    time-sequence example, I 1, H 51)."""
+    reason = LSTM_BACKENDS[backend].unavailable_reason("cpu", dtype)
+    if reason is not None:
+        pytest.skip(f"LSTM backend {backend!r}: {reason}")
+    torch.manual_seed(5)
+    I, H, B, T = (1, 51, 9, 6) if dtype == torch.float64 else (7, 20, 5, 6)
+    ours = legw_fused.LSTMCell(I, H, bias=bias, dtype=dtype, backend=backend)
+    ref = nn.LSTMCell(I, H, bias=bias, dtype=dtype)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(T, B, I, dtype=dtype)
+    h0, c0 = torch.randn(B, H, dtype=dtype), torch.randn(B, H, dtype=dtype)
+
+    def run(cell):
+        leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
+        h, c = leaves[1], leaves[2]
+        hs = []
+        for t in range(T):
+            h, c = cell(leaves[0][t], (h, c))
+            hs.append(h)
+        out = torch.stack(hs)
+        (out.sin().sum() + (c * c).sum()).backward()
+        return [out, c] + [t.grad for t in leaves] + [p.grad for p in cell.parameters()]
+
+    fwd_tol, grad_tol = LSTM_TOL[dtype]
+    names = ["out", "c_T", "dx", "dh0", "dc0"] + [f"d {n}" for n, _ in ours.named_parameters()]
+    for i, (name, a, b) in enumerate(zip(names, run(ours), run(ref))):
+        assert_close_scaled(name, a.to(dtype), b, fwd_tol if i < 2 else grad_tol)
+
+
+def test_lstm_cell_second_derivative_raises_on_fused_backends():
+    """The C++ cell's gradients are not differentiable: a backward with create_graph=True raises (as the layer's)."""
+    if LSTM_BACKENDS["cpp"].unavailable_reason("cpu") is not None:
+        pytest.skip(LSTM_BACKENDS["cpp"].unavailable_reason("cpu"))
+    cell = legw_fused.LSTMCell(3, 4, backend="cpp")
+    x = torch.randn(2, 3, requires_grad=True)
+    g, = torch.autograd.grad(cell(x)[0].sum(), x, create_graph=False)
+    assert g.shape == x.shape
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        torch.autograd.grad(cell(x)[0].sum(), x, create_graph=True)
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("with_state", [True, False])
 def test_lstm_unbatched(lstm_backend, batch_first, with_state):

@@ -4,7 +4,8 @@
 Shapes (letters used throughout the LSTM code): T time steps, B batch, I input size, H hidden size, G = 4H gate
 rows in PyTorch's order i, f, g, o. ``weight_ih [G, I]``, ``weight_hh [G, H]``, ``bias_ih``, ``bias_hh [G]``.
 
-One layer in one direction is the unit every backend implements (``layer``)::
+One layer in one direction is the unit every backend implements (``layer``); ``cell`` is one step of it (what
+``LSTMCell`` runs, x [B, I], h/c [B, H])::
 
     X = x @ weight_ih^T + bias_ih + bias_hh          all T steps in one GEMM   [T, B, G]
     for each step t (reversed for the backward direction):
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["layer"]
+__all__ = ["cell", "layer"]
 
 
 def layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
@@ -49,3 +50,10 @@ def layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: T
         h = (torch.sigmoid(o) * torch.tanh(c)).to(x.dtype)
         out[t] = h
     return torch.stack(out), h, c.to(x.dtype)
+
+
+def cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+         b_hh: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One LSTM step: ``layer`` over one time step, x [B, I], h/c [B, H] -> (h', c')."""
+    _, h1, c1 = layer(x[None], h, c, w_ih, w_hh, b_ih, b_hh)
+    return h1, c1

@@ -180,6 +180,31 @@ def test_lstm_cell_second_derivative_raises_on_fused_backends():
         torch.autograd.grad(cell(x)[0].sum(), x, create_graph=True)
 
 
+def test_lstm_cell_loop_under_torch_compile_equals_eager():
+    """The C++ cell (an autograd Function over the layer op) traces whole under torch.compile (fullgraph, through
+    the ops' fakes) and gives eager's outputs and gradients."""
+    if LSTM_BACKENDS["cpp"].unavailable_reason("cpu") is not None:
+        pytest.skip(LSTM_BACKENDS["cpp"].unavailable_reason("cpu"))
+    torch.manual_seed(6)
+    cell = legw_fused.LSTMCell(5, 4, backend="cpp")
+
+    def loop(x, h, c):
+        for t in range(x.shape[0]):
+            h, c = cell(x[t], (h, c))
+        return h, c
+
+    x, h0, c0 = torch.randn(3, 2, 5), torch.randn(2, 4), torch.randn(2, 4)
+    results = []
+    for fn in (torch.compile(loop, backend="aot_eager", fullgraph=True), loop):
+        cell.zero_grad()
+        xi = x.clone().requires_grad_()
+        h, c = fn(xi, h0, c0)
+        (h.sum() + (c * c).sum()).backward()
+        results.append([h, c, xi.grad] + [p.grad.clone() for p in cell.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("with_state", [True, False])
 def test_lstm_unbatched(lstm_backend, batch_first, with_state):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import legw_fused
-from legw_fused.backends import LSTM_BACKENDS
+from legw_fused.backends import LSTM_BACKENDS, LSTM_CELL_BACKENDS
 from legw_fused.bench.harness import add_common_args, cpu_times_ms, cuda_times_ms, describe, metadata, write_results
 from legw_fused.ops.lstm_reference import layer as lstm_layer_reference
 
@@ -94,9 +94,9 @@ def providers(device: torch.device, I: int, H: int, dtype: torch.dtype):
             out.append((f"legw_fused.LSTM [{name}]", ours))
     out.append((CELL_BASELINE, _CellLoop(base)))
     # legw_fused.LSTMCell in the same loop: "auto" and every fused backend the device can run.
-    for name in ("auto",) + tuple(n for n in LSTM_BACKENDS.auto_order.get(device.type, ()) if n not in ("torch",
-                                                                                                        "native")):
-        if name == "auto" or LSTM_BACKENDS[name].unavailable_reason(device.type, dtype) is None:
+    for name in ("auto",) + tuple(n for n in LSTM_CELL_BACKENDS.auto_order.get(device.type, ())
+                                  if n not in ("torch", "native")):
+        if name == "auto" or LSTM_CELL_BACKENDS[name].unavailable_reason(device.type, dtype) is None:
             out.append((f"legw_fused.LSTMCell loop [{name}]", _CellLoop(base, name)))
     out.append(("unfused PyTorch cell", _Unfused(base)))
     if device.type == "cuda" and importlib.util.find_spec("flashrnn") is not None:

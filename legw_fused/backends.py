@@ -155,6 +155,15 @@ LSTM_BACKENDS: Registry = Registry("LSTM ", {
                           _triton_reason(), contiguous_only=False, layer=lstm.triton_layer, cell=lstm.triton_cell),
 }, {"cuda": ("cuda", "triton", "torch"), "cpu": _LSTM_CPU_ORDER}, {"cpu": _LSTM_CPU_WHY})
 
+# LSTMCell (one step per call, from a Python loop): the same backends, each through its ``cell``, in their own
+# order. On CPUs the C++ cell comes first on every instruction set: on the 2-core AVX-512 EPYC where the C++ layer
+# loses to oneDNN's, the C++ cell measured 1.03x (MNIST, B 128) and 1.09x (fp64, B 97, H 51) nn.LSTMCell forward +
+# backward in a loop (torch's cell has no oneDNN kernel: ATen ops per gate), and torch's own cell behind our module
+# 0.96-0.98x (our Python around the same kernel).
+LSTM_CELL_BACKENDS: Registry = Registry("LSTM cell ", dict(LSTM_BACKENDS), {
+    "cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "native", "torch")}, {
+    "cpu": "the C++ cell: 1.03-1.09x nn.LSTMCell fwd+bwd in a loop, also on AVX-512 (bench/lstm.py cell rows)"})
+
 
 def check_backend_name(backend: str, registry: Registry = STEP_BACKENDS) -> str:
     if backend != "auto" and backend not in registry:
@@ -193,10 +202,13 @@ def _describe(registry: Registry) -> dict[str, dict]:
 
 def backend_info() -> dict[str, dict]:
     """For each optimizer-step backend: whether it can run here, on which devices, and if not why; ``"auto"``: the
-    backend ``backend="auto"`` chooses per device type; ``"lstm"``: the same for the LSTM backends;
+    backend ``backend="auto"`` chooses per device type; ``"lstm"``: the same for the LSTM backends (and
+    ``"auto_cell"``, ``"auto_cell_why"``: auto's choice for LSTMCell);
     ``"extension"``: the compiled extension and its kernels."""
     info = _describe(STEP_BACKENDS)
     info["lstm"] = _describe(LSTM_BACKENDS)
+    cell = _describe(LSTM_CELL_BACKENDS)
+    info["lstm"]["auto_cell"], info["lstm"]["auto_cell_why"] = cell["auto"], cell["auto_why"]
     info["extension"] = {"available": ops.EXTENSION_ERROR is None, "reason": ops.EXTENSION_ERROR,
                          "with_cuda": ops.WITH_CUDA,
                          "ops": {op: [k for k in ("CPU", "CUDA") if ops.has_kernel(op, k)]

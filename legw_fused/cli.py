@@ -21,6 +21,7 @@ def _info(_args) -> int:
     print(f"extension legw_fused._C: {'loaded' if ext['available'] else ext['reason']}; "
           f"CUDA sources {'compiled' if ext['with_cuda'] else 'not compiled'}; ops: {ext['ops']}")
     lstm = info.pop("lstm")
+    cell_auto, cell_why = lstm.pop("auto_cell"), lstm.pop("auto_cell_why")
     for title, table in (("backend", info), ("LSTM", lstm)):
         auto, why = table.pop("auto"), table.pop("auto_why")
         print(f"\n{title:<8}{'devices':<9}{'available':<11}why not / what")
@@ -30,6 +31,8 @@ def _info(_args) -> int:
             print(f"{name:<8}{devices:<9}{available:<11}{row['reason'] or row['description']}")
         print("auto picks: " + ", ".join(f"{dev} -> {name}" + (f" ({why[dev]})" if dev in why else "")
                                          for dev, name in auto.items()))
+    print("auto picks for LSTMCell: " + ", ".join(f"{dev} -> {name}" + (f" ({cell_why[dev]})" if dev in cell_why
+                                                                        else "") for dev, name in cell_auto.items()))
     return 0
 
 

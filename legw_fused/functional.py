@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import LSTM_BACKENDS, check_backend_name, select
+from .backends import LSTM_BACKENDS, LSTM_CELL_BACKENDS, check_backend_name, select
 
 __all__ = ["lstm_cell", "lstm"]
 
@@ -42,7 +42,7 @@ def _run(unit: str, backend: str, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tenso
     for name, t in (("h0", h0), ("c0", c0), ("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih),
                     ("bias_hh", b_hh)):
         _check_same(name, t, x)
-    chosen = select(LSTM_BACKENDS, backend, x.device, x.dtype)
+    chosen = select(LSTM_CELL_BACKENDS if unit == "cell" else LSTM_BACKENDS, backend, x.device, x.dtype)
     return getattr(chosen, unit)(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *extra)
 
 

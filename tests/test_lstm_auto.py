@@ -1,6 +1,8 @@
 """The "native" LSTM backend (torch's own kernel) and the CPU rule by which "auto" chooses between it and the C++
 layer: the oracle is torch.nn.LSTM itself."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -70,3 +72,22 @@ def test_auto_on_this_cpu_follows_the_rule_and_says_why():
     if not capability.startswith("AVX512"):
         print(f"this CPU dispatches ATen to {capability}: the AVX-512 branch of the rule is covered by "
               f"test_cpu_auto_rule_by_aten_capability only")
+
+
+def test_lstm_cell_auto_takes_the_cpp_cell_on_cpu_and_says_why(monkeypatch):
+    """LSTMCell's auto has its own order: the C++ cell first on every CPU (also where the layer's auto takes torch's
+    oneDNN LSTM), and LSTMCell(backend="auto") runs it."""
+    assert backends.LSTM_CELL_BACKENDS.auto_order["cpu"] == ("cpp", "native", "torch")
+    if backends.LSTM_BACKENDS["cpp"].unavailable_reason("cpu") is not None:
+        pytest.skip(backends.LSTM_BACKENDS["cpp"].unavailable_reason("cpu"))
+    info = legw_fused.backend_info()["lstm"]
+    assert info["auto_cell"]["cpu"] == "cpp" and "C++ cell" in info["auto_cell_why"]["cpu"]
+    calls = []
+    real = backends.LSTM_BACKENDS["cpp"].cell
+    monkeypatch.setitem(backends.LSTM_CELL_BACKENDS, "cpp", dataclasses.replace(
+        backends.LSTM_BACKENDS["cpp"], cell=lambda *a: calls.append(1) or real(*a)))
+    cell, ref = legw_fused.LSTMCell(3, 4), torch.nn.LSTMCell(3, 4)
+    ref.load_state_dict(cell.state_dict())
+    x = torch.randn(2, 3)
+    assert_close_scaled("h", cell(x)[0], ref(x)[0], LSTM_TOL[torch.float32][0])
+    assert calls == [1]

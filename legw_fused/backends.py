@@ -96,7 +96,8 @@ def _fused(name: str, device_types: tuple[str, ...], description: str, reason: s
 # keeps step() free of dispatcher queries (torch.compile traces it).
 class Registry(dict):
     """The backends of one op family by name, with the order in which "auto" tries them per device type (fastest
-    first; "torch" closes every list so that auto always finds a backend) and why that order."""
+    first; "torch" closes every list so that auto always finds a backend) and why that order. A key "<device
+    type>:<dtype>" (e.g. "cpu:float64") overrides the device type's order for that dtype."""
 
     def __init__(self, family: str, backends: dict[str, Backend], auto_order: dict[str, tuple[str, ...]],
                  auto_why: dict[str, str] | None = None):
@@ -136,6 +137,9 @@ def _lstm_cpu_auto() -> tuple[tuple[str, ...], str]:
 
 
 _LSTM_CPU_ORDER, _LSTM_CPU_WHY = _lstm_cpu_auto()
+# fp64 on every CPU: oneDNN has no fp64 LSTM, so torch runs its per-op reference cell there; the C++ layer measured
+# 2.9x nn.LSTM fwd+bwd at torch's sine-wave shape (T 100, B 97, I 1, H 51) on the AVX-512 EPYC (bench/lstm.py).
+_LSTM_CPU_FP64 = ("cpp", "native", "torch"), "float64: no oneDNN LSTM; the C++ layer 2.9x nn.LSTM (B 97, H 51)"
 
 LSTM_BACKENDS: Registry = Registry("LSTM ", {
     "torch": LSTMBackend("torch", None, None, "pure-PyTorch reference (autograd through torch ops)", None,
@@ -153,7 +157,8 @@ LSTM_BACKENDS: Registry = Registry("LSTM ", {
     "triton": LSTMBackend("triton", _TRITON_DEVICES, FUSED_DTYPES,
                           "Triton: persistent whole-sequence kernel (small H) or per-step fused cell" + _INTERPRETED,
                           _triton_reason(), contiguous_only=False, layer=lstm.triton_layer, cell=lstm.triton_cell),
-}, {"cuda": ("cuda", "triton", "torch"), "cpu": _LSTM_CPU_ORDER}, {"cpu": _LSTM_CPU_WHY})
+}, {"cuda": ("cuda", "triton", "torch"), "cpu": _LSTM_CPU_ORDER, "cpu:float64": _LSTM_CPU_FP64[0]},
+    {"cpu": _LSTM_CPU_WHY, "cpu:float64": _LSTM_CPU_FP64[1]})
 
 # LSTMCell (one step per call, from a Python loop): the same backends, each through its ``cell``, in their own
 # order. On CPUs the C++ cell comes first on every instruction set: on the 2-core AVX-512 EPYC where the C++ layer
@@ -171,12 +176,17 @@ def check_backend_name(backend: str, registry: Registry = STEP_BACKENDS) -> str:
     return backend
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def select(registry: Registry, backend: str, device: torch.device, dtype: torch.dtype | None = None,
            contiguous: bool = True) -> Backend:
     """The backend of ``registry`` that runs on tensors of ``device``/``dtype``; raises with the reason if an
     explicit one cannot. "auto" takes the first in the registry's auto order that can (the reference always can)."""
     if backend == "auto":
-        for name in registry.auto_order.get(device.type, ("torch",)):
+        by_dtype = None if dtype is None else registry.auto_order.get(f"{device.type}:{_dtype_name(dtype)}")
+        for name in by_dtype or registry.auto_order.get(device.type, ("torch",)):
             if registry[name].unavailable_reason(device.type, dtype, contiguous) is None:
                 return registry[name]
         raise AssertionError("the torch backend is always available")
@@ -195,7 +205,9 @@ def _describe(registry: Registry) -> dict[str, dict]:
         info[name] = {"available": reason is None, "reason": reason, "device_types": b.device_types or "any",
                       "dtypes": [str(d).removeprefix("torch.") for d in b.dtypes] if b.dtypes else "any",
                       "description": b.description}
-    info["auto"] = {dev: select(registry, "auto", torch.device(dev)).name for dev in registry.auto_order}
+    info["auto"] = {key: select(registry, "auto", torch.device(key.split(":")[0]),
+                                getattr(torch, key.split(":")[1]) if ":" in key else None).name
+                    for key in registry.auto_order}
     info["auto_why"] = dict(registry.auto_why)
     return info
 

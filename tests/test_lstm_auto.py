@@ -91,3 +91,17 @@ def test_lstm_cell_auto_takes_the_cpp_cell_on_cpu_and_says_why(monkeypatch):
     x = torch.randn(2, 3)
     assert_close_scaled("h", cell(x)[0], ref(x)[0], LSTM_TOL[torch.float32][0])
     assert calls == [1]
+
+
+def test_lstm_auto_takes_the_cpp_layer_for_float64_on_every_cpu():
+    """fp64 has its own CPU order (torch's fp64 LSTM is no oneDNN kernel; the C++ layer measured 2.9x): the
+    "cpu:float64" key overrides the device's order for that dtype only, and backend_info reports it."""
+    assert backends.LSTM_BACKENDS.auto_order["cpu:float64"][0] == "cpp"
+    if backends.LSTM_BACKENDS["cpp"].unavailable_reason("cpu") is not None:
+        pytest.skip(backends.LSTM_BACKENDS["cpp"].unavailable_reason("cpu"))
+    cpu = torch.device("cpu")
+    assert backends.select(backends.LSTM_BACKENDS, "auto", cpu, torch.float64).name == "cpp"
+    fp32 = backends.select(backends.LSTM_BACKENDS, "auto", cpu, torch.float32).name
+    assert fp32 == backends.select(backends.LSTM_BACKENDS, "auto", cpu).name  # other dtypes: the device's order
+    info = legw_fused.backend_info()["lstm"]
+    assert info["auto"]["cpu:float64"] == "cpp" and "float64" in info["auto_why"]["cpu:float64"]

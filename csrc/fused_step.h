@@ -56,7 +56,9 @@ template <bool kFused, bool kMomentum, bool kMaster, typename P, typename B>
 LEGW_HOST_DEVICE float update_one(P& p, P g, B& buf, float& master, float lr, float r, float inv_scale,
                                   const StepConfig& c) {
   float x = kMaster ? master : static_cast<float>(p);
-  float b = (kMomentum && !c.first_step) ? static_cast<float>(buf) : 0.f;
+  // Read also on the first step, where update_element ignores it (buf = d): a load under a condition kept the CPU
+  // loop scalar. The buffer exists whenever kMomentum (fresh, uninitialised memory on the first step).
+  float b = kMomentum ? static_cast<float>(buf) : 0.f;
   update_element<kFused>(x, static_cast<float>(g) * inv_scale, b, lr, r, c);
   if constexpr (kMaster) master = x;
   p = static_cast<P>(x);

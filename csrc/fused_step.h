@@ -71,7 +71,9 @@ LEGW_HOST_DEVICE float update_one(P& p, P g, B& buf, float& master, float lr, fl
 LEGW_HOST_DEVICE float trust_ratio(float p_norm, float g_norm, float lr, float trust_coefficient, float weight_decay,
                                    float eps, bool clip, float max_ratio) {
   if (!(p_norm > 0.f && g_norm > 0.f)) return 1.f;
-  const float r = fminf(trust_coefficient * p_norm / (g_norm + weight_decay * p_norm + eps), max_ratio);
+  // wd*|p| + |g| as one explicit fma: nvcc and Triton contract it by default and this file's CPU build does not
+  // (fp-contract=off), so written plainly the backends' ratios could differ in the last bit.
+  const float r = fminf(trust_coefficient * p_norm / (fmaf(weight_decay, p_norm, g_norm) + eps), max_ratio);
   if (!clip) return r;
   return lr > 0.f ? fminf(r / lr, 1.f) : 1.f;
 }

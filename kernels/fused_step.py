@@ -184,7 +184,8 @@ def _ratio(p_sq, g_sq, lr, trust_coefficient, weight_decay, eps, max_ratio, CLIP
     roots and divisions as C++ and CUDA have them (Triton's sqrt and fp32 '/' are approximate on the GPU)."""
     p_norm = tl.sqrt_rn(p_sq)
     g_norm = tl.sqrt_rn(g_sq)
-    ratio = tl.minimum(tl.div_rn(trust_coefficient * p_norm, g_norm + weight_decay * p_norm + eps), max_ratio)
+    # wd*|p| + |g| as one fma, as csrc/fused_step.h writes it explicitly (the compilers' contraction differs).
+    ratio = tl.minimum(tl.div_rn(trust_coefficient * p_norm, tl.fma(weight_decay, p_norm, g_norm) + eps), max_ratio)
     if CLIP:
         ratio = tl.where(lr > 0, tl.minimum(tl.div_rn(ratio, tl.where(lr > 0, lr, 1.0)), 1.0), 1.0)
     # Typed: the interpreter promotes where(scalar fp32, 1.0) to fp64 (compiled Triton keeps fp32), and an fp64 ratio

@@ -2,7 +2,9 @@
 pass reads only g) and the per-tensor sum_squares op, against the reference backend and the formula."""
 
 import math
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -364,3 +366,37 @@ def test_params_joining_late_split_the_call_and_keep_the_cache_right(backend):
         live = [p for p in ours_p if p.grad is not None]
         chunk = backends.STEP_BACKENDS[backend].param_sq_chunk
         assert_close(entry["param_sq"].double(), chunk_sums(live, chunk), "chunk_sums")
+
+
+def _round_f32(x: Fraction) -> float:
+    """x rounded once to the nearest float32 (ties to even), exactly."""
+    c = np.float32(float(x))
+    best = min((np.nextafter(c, np.float32(-np.inf)), c, np.nextafter(c, np.float32(np.inf))),
+               key=lambda v: (abs(Fraction(float(v)) - x), int(np.frombuffer(v.tobytes(), np.uint32)[0]) & 1))
+    return float(best)
+
+
+def test_cpp_trust_ratio_denominator_is_one_fma():
+    """|g| + wd·|p| is one correctly rounded fma in the C++ ratio, as in the CUDA and Triton ones (written out as
+    fmaf / tl.fma there, where the compilers would contract it anyway): the backends' ratios agree to the bit.
+    Read through the update: p = 0, g = 1, lr = 1, no momentum, given norms, so p' = -r exactly."""
+    require_backend("cpp")
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    cases = []
+    while len(cases) < 8:  # norms with exact squares (12 significant bits) where one rounding and two differ
+        P, G = (f32(int(rng.integers(1 << 11, 1 << 12)) * 2.0 ** int(rng.integers(-8, 0))) for _ in range(2))
+        wd = f32(rng.uniform(1e-4, 1e-2))
+        fused = _round_f32(Fraction(float(wd)) * Fraction(float(P)) + Fraction(float(G)))
+        if fused != float(f32(wd * P) + G):
+            cases.append((P, G, wd, fused))
+    tc, eps = f32(0.02), f32(1e-8)
+    for P, G, wd, fused_den in cases:
+        expected = f32(tc * P) / (f32(fused_den) + eps)  # numpy float32: each op rounded once
+        p = torch.zeros(1)
+        with torch.no_grad():
+            backends.STEP_BACKENDS["cpp"].step_(
+                [p], [torch.ones(1)], [None], lr=1.0, step=torch.tensor(0), momentum=0.0, dampening=0.0,
+                weight_decay=float(wd), nesterov=False, lars=True, trust_coefficient=float(tc), eps=float(eps),
+                trust_clip=False, norms_sq=torch.tensor([[float(P) ** 2], [float(G) ** 2]], dtype=torch.float32))
+        assert -p.item() == float(expected), (P, G, wd)

@@ -1,6 +1,7 @@
 """The LSTM layer op family: fake (meta) implementations and autograd of the extension's ``lstm_layer_fwd`` /
 ``lstm_layer_bwd`` (C++ CPU and CUDA, csrc/lstm.cpp), the Triton layer's autograd Function (kernels/lstm.py), and
-the layer functions of the fused backends, each with lstm_reference.layer's signature.
+the layer functions of the fused backends, each with lstm_reference.layer's signature, and their cell functions
+(one step, what LSTMCell runs) with lstm_reference.cell's.
 
 Shapes: T steps, B batch, I input, H hidden, G = 4H (see lstm_reference.py).
 """

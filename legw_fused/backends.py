@@ -138,8 +138,9 @@ def _lstm_cpu_auto() -> tuple[tuple[str, ...], str]:
 
 _LSTM_CPU_ORDER, _LSTM_CPU_WHY = _lstm_cpu_auto()
 # fp64 on every CPU: oneDNN has no fp64 LSTM, so torch runs its per-op reference cell there; the C++ layer measured
-# 2.9x nn.LSTM fwd+bwd at torch's sine-wave shape (T 100, B 97, I 1, H 51) on the AVX-512 EPYC (bench/lstm.py).
-_LSTM_CPU_FP64 = ("cpp", "native", "torch"), "float64: no oneDNN LSTM; the C++ layer 2.9x nn.LSTM (B 97, H 51)"
+# 2.05x nn.LSTM fwd+bwd at torch's sine-wave shape (T 100, B 97, I 1, H 51) on the AVX-512 EPYC (bench/lstm.py,
+# commit 15e4551).
+_LSTM_CPU_FP64 = ("cpp", "native", "torch"), "float64: no oneDNN LSTM; the C++ layer 2.05x nn.LSTM (B 97, H 51)"
 
 LSTM_BACKENDS: Registry = Registry("LSTM ", {
     "torch": LSTMBackend("torch", None, None, "pure-PyTorch reference (autograd through torch ops)", None,
@@ -162,12 +163,12 @@ LSTM_BACKENDS: Registry = Registry("LSTM ", {
 
 # LSTMCell (one step per call, from a Python loop): the same backends, each through its ``cell``, in their own
 # order. On CPUs the C++ cell comes first on every instruction set: on the 2-core AVX-512 EPYC where the C++ layer
-# loses to oneDNN's, the C++ cell measured 1.03x (MNIST, B 128) and 1.09x (fp64, B 97, H 51) nn.LSTMCell forward +
-# backward in a loop (torch's cell has no oneDNN kernel: ATen ops per gate), and torch's own cell behind our module
-# 0.96-0.98x (our Python around the same kernel).
+# loses to oneDNN's, the C++ cell measured 1.02-1.04x (MNIST, B 128 and 1024) and 1.05x (fp64, B 97, H 51)
+# nn.LSTMCell forward + backward in a loop (bench/lstm.py, commit 15e4551; torch's cell has no oneDNN kernel: ATen
+# ops per gate), and torch's own cell behind our module 0.96-0.98x (our Python around the same kernel).
 LSTM_CELL_BACKENDS: Registry = Registry("LSTM cell ", dict(LSTM_BACKENDS), {
     "cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "native", "torch")}, {
-    "cpu": "the C++ cell: 1.03-1.09x nn.LSTMCell fwd+bwd in a loop, also on AVX-512 (bench/lstm.py cell rows)"})
+    "cpu": "the C++ cell: 1.02-1.05x nn.LSTMCell fwd+bwd in a loop, also on AVX-512 (bench/lstm.py cell rows)"})
 
 
 def check_backend_name(backend: str, registry: Registry = STEP_BACKENDS) -> str:
@@ -203,7 +204,7 @@ def _describe(registry: Registry) -> dict[str, dict]:
     for name, b in registry.items():
         reason = b.unavailable_reason()
         info[name] = {"available": reason is None, "reason": reason, "device_types": b.device_types or "any",
-                      "dtypes": [str(d).removeprefix("torch.") for d in b.dtypes] if b.dtypes else "any",
+                      "dtypes": [_dtype_name(d) for d in b.dtypes] if b.dtypes else "any",
                       "description": b.description}
     info["auto"] = {key: select(registry, "auto", torch.device(key.split(":")[0]),
                                 getattr(torch, key.split(":")[1]) if ":" in key else None).name

@@ -213,36 +213,52 @@ void trust_ratios(Step& s, const LarsConfig& lars, int64_t c0, int64_t c1) {
                   [&](int64_t t, double p_total, double g_total) { s.ratio[t] = lars.ratio(p_total, g_total, s.lr); });
 }
 
-template <typename P, typename B, bool kMomentum, bool kMaster, bool kNorm>
+template <typename P, typename B, bool kMomentum, bool kMaster, bool kNorm, typename Config>
 auto update_chunk_for(bool fused) {
 #ifdef LEGW_FUSED_AVX2
-  if (fused) return &avx2::update_chunk<P, B, kMomentum, kMaster, kNorm>;
+  if (fused) return &avx2::update_chunk<P, B, kMomentum, kMaster, kNorm, Config>;
 #endif
-  return &base::update_chunk<P, B, kMomentum, kMaster, kNorm>;
+  return &base::update_chunk<P, B, kMomentum, kMaster, kNorm, Config>;
 }
 
-// Updates chunks [c0, c1); with kNorm also writes their |p|^2 cache entries.
-template <typename P, bool kMomentum, bool kMaster, bool kNorm>
-void update_chunks(const Step& s, int64_t c0, int64_t c1) {
+// Updates chunks [c0, c1) with the update's flags fixed in `Config`; with kNorm also writes their |p|^2 cache entries.
+template <typename P, bool kMomentum, bool kMaster, bool kNorm, typename Config>
+void update_chunks(const Step& s, const Config& cfg, int64_t c0, int64_t c1) {
   using B = std::conditional_t<kMaster, float, P>;  // momentum buffers are fp32 with master weights
-  const auto update = update_chunk_for<P, B, kMomentum, kMaster, kNorm>(s.fused);
+  const auto update = update_chunk_for<P, B, kMomentum, kMaster, kNorm, Config>(s.fused);
+  // maximize as the gradient's sign: torch negates the (unscaled) gradient, and g * -s == -(g * s) exactly.
+  const float scale = s.cfg.maximize ? -s.inv_scale : s.inv_scale;
   for_each_chunk(s.chunks, c0, c1, [&](int64_t k) {
     const Chunk& ch = s.chunks[k];
     const double sq = update(s.params[ch.tensor].data_ptr<P>() + ch.begin, s.grads[ch.tensor].data_ptr<P>() + ch.begin,
                              kMomentum ? s.bufs[ch.tensor].data_ptr<B>() + ch.begin : nullptr,
                              kMaster ? s.masters[ch.tensor].data_ptr<float>() + ch.begin : nullptr, ch.end - ch.begin,
-                             s.lr, s.ratio[ch.tensor], s.inv_scale, s.cfg);
+                             s.lr, s.ratio[ch.tensor], scale, cfg);
     if constexpr (kNorm) s.param_sq[k] = static_cast<float>(sq);
   });
 }
 
+// Picks the instantiation: storage (momentum buffers, masters, the |p|^2 cache) and the update's flags. Without
+// momentum, nesterov and first_step do not enter the update, so they are not instantiated.
 template <typename P>
 void update_chunks(const Step& s, int64_t c0, int64_t c1) {
+  const StepConfig& c = s.cfg;
+  const auto run = [&](auto momentum, auto master, auto norm, auto decays, auto nesterov, auto first) {
+    using Config = FixedStepConfig<decltype(momentum)::value, decltype(decays)::value, decltype(nesterov)::value,
+                                   decltype(first)::value>;
+    update_chunks<P, decltype(momentum)::value, decltype(master)::value, decltype(norm)::value>(
+        s, Config{c.momentum, c.one_minus_dampening, c.weight_decay}, c0, c1);
+  };
   with_constants(
-      [&](auto momentum, auto master, auto norm) {
-        update_chunks<P, decltype(momentum)::value, decltype(master)::value, decltype(norm)::value>(s, c0, c1);
+      [&](auto master, auto norm, auto decays) {
+        if (s.bufs.empty()) {
+          run(std::false_type{}, master, norm, decays, std::false_type{}, std::false_type{});
+        } else {
+          with_constants([&](auto nesterov, auto first) { run(std::true_type{}, master, norm, decays, nesterov, first); },
+                         c.nesterov, c.first_step);
+        }
       },
-      !s.bufs.empty(), !s.masters.empty(), s.param_sq != nullptr);
+      !s.masters.empty(), s.param_sq != nullptr, c.decays());
 }
 
 // The step once its inputs are resolved. LARS without given norms: norm pass then update, cache group by group.

@@ -114,6 +114,33 @@ def test_maximize_op_equals_torch_bitwise(cfg):
     run_maximize(cfg)
 
 
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[5], CONFIGS[6]], ids=ids)
+def test_maximize_with_grad_scale_equals_unscale_then_torch_bitwise(cfg):
+    """maximize under a GradScaler: the kernel folds maximize into the unscale factor's sign (g * -s), which must equal
+    torch's unscale (g * s, rounded) followed by SGD's negation. A scale of 3 makes the unscale round."""
+    a, b = make_copies(2)
+    theirs = torch.optim.SGD(b, lr=0.05, maximize=True, **cfg)
+    hp = dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False) | cfg
+    scale = torch.tensor(3.0)
+    inv_scale = scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
+    bufs = [None] * len(a)
+    step = torch.zeros((), dtype=torch.int64)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(20):
+        set_grads([a, b], gen)
+        for p in a + b:
+            p.grad.mul_(scale)  # the scaled loss's gradients
+        torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in b], torch.zeros(1), inv_scale)
+        with torch.no_grad():
+            bufs = backends.STEP_BACKENDS["cpp"].step_([p for p in a], [p.grad for p in a], bufs, lr=0.05, step=step,
+                                                        maximize=True, grad_scale=scale, **hp)
+        theirs.step()
+        for i, (pa, pb) in enumerate(zip(a, b)):
+            assert torch.equal(pa.detach(), pb.detach()), f"step {t}: param {i} differs"
+            if hp["momentum"] != 0.0:
+                assert torch.equal(bufs[i], theirs.state[pb]["momentum_buffer"]), f"step {t}: buffer {i} differs"
+
+
 @pytest.mark.skipif(IN_SUBPROCESS in os.environ, reason="already the subprocess")
 def test_default_isa_build_equals_torch_default_kernels():
     # torch's DEFAULT kernels round a*y + x twice: the cpp kernel's baseline build must do the same. A few configs

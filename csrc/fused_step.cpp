@@ -254,8 +254,9 @@ void update_chunks(const Step& s, int64_t c0, int64_t c1) {
         if (s.bufs.empty()) {
           run(std::false_type{}, master, norm, decays, std::false_type{}, std::false_type{});
         } else {
-          with_constants([&](auto nesterov, auto first) { run(std::true_type{}, master, norm, decays, nesterov, first); },
-                         c.nesterov, c.first_step);
+          with_constants(
+              [&](auto nesterov, auto first) { run(std::true_type{}, master, norm, decays, nesterov, first); },
+              c.nesterov, c.first_step);
         }
       },
       !s.masters.empty(), s.param_sq != nullptr, c.decays());

@@ -130,6 +130,15 @@ def test_resume_of_a_finished_sweep_trains_nothing_and_a_rerun_replaces_it(tmp_p
     assert main([*tiny, "--resume"]) == 0
     again = json.loads(path.read_text())
     assert again["resumes"] == 1 and again["runs"] == first["runs"]  # the same record, times included: not retrained
+    # Each run names the code that trained it; a resume by other code keeps that (the file's "commit" is its
+    # last writer). Runs recorded before runs carried a commit get the commit of the file that recorded them.
+    assert all(r["commit"] == first["commit"] for r in first["runs"])
+    older = {**again, "commit": "0123abc", "runs": [{k: v for k, v in r.items() if k != "commit"}
+                                                    for r in again["runs"]]}
+    path.write_text(json.dumps(older))
+    assert main([*tiny, "--resume"]) == 0
+    resumed = json.loads(path.read_text())
+    assert [r["commit"] for r in resumed["runs"]] == ["0123abc"] and resumed["commit"] == first["commit"]
     assert main(tiny) == 0  # a finished sweep is replaced, as a rerun of a command always did
     assert json.loads(path.read_text())["resumes"] == 0
     capsys.readouterr()

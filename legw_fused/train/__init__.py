@@ -239,6 +239,7 @@ def _train_all(sweep: Sweep, task, out_dir: Path, record, quiet: bool) -> list[d
         else:
             r = run_one(task, sweep.baseline, scheme, batch, sweep.epochs, sweep.optimizer, seed, sweep.device,
                         quiet, sweep.micro_batch, sweep.distributed, checkpoint)
+            r["commit"] = record.commit  # the code that finished this training (a resumed sweep spans several)
             runs.append(r)
             if not quiet:
                 print(f"  done {scheme:<13} B={batch:<5} seed {seed:<3} test {task.metric} "
@@ -255,7 +256,9 @@ class _Recorder:
 
     def __init__(self, sweep: Sweep, task, out_dir: Path, previous: dict | None, argv, world: int, enabled: bool):
         self.task, self.out_dir, self.enabled = task, out_dir, enabled
-        self.previous_runs = previous["runs"] if previous else []
+        # Runs recorded before trainings carried their own commit: the commit of the file that recorded them.
+        self.previous_runs = [{"commit": previous.get("commit"), **r} for r in previous["runs"]] if previous else []
+        self.commit = _commit()
         self.previous_seconds = previous["total_seconds"] if previous else 0.0
         self.start = time.perf_counter()
         b, dev = sweep.baseline, sweep.device
@@ -275,7 +278,8 @@ class _Recorder:
                         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
             "versions": {"legw_fused": __version__, "torch": torch.__version__,
                          "python": platform.python_version()},
-            "commit": _commit(), "resumes": previous.get("resumes", 0) + 1 if previous else 0,
+            # The code that last wrote this file; each run has the commit that trained it.
+            "commit": self.commit, "resumes": previous.get("resumes", 0) + 1 if previous else 0,
             "options": sweep.options(),
         }
         self(self.previous_runs, complete=False)  # the folder holds a sweep from now on: a rerun must say --resume

@@ -142,6 +142,14 @@ _LSTM_CPU_ORDER, _LSTM_CPU_WHY = _lstm_cpu_auto()
 # commit 15e4551).
 _LSTM_CPU_FP64 = ("cpp", "native", "torch"), "float64: no oneDNN LSTM; the C++ layer 2.05x nn.LSTM (B 97, H 51)"
 
+# Without gradients (evaluation, inference) on every CPU but for fp64: torch's kernel. The C++ layer's forward
+# always writes the [T, B, 4H] gates for a backward (58 MB at B 1024), and it measured 0.61x and 0.88x nn.LSTM's
+# no-grad forward at B 1024 (1.00x at B 128) with oneDNN and ATen held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2,
+# ATEN_CPU_CAPABILITY=avx2) on the AVX-512 EPYC: where auto takes the C++ layer for training, evaluation would
+# otherwise be slower than nn.LSTM. fp64 keeps its own order (the "cpu:float64" key is looked up first).
+_LSTM_CPU_NO_GRAD = ("native", "cpp", "torch"), ("no gradients needed: torch's kernel (the C++ layer's forward "
+                                                  "keeps the gates for a backward; 0.61-0.88x nn.LSTM at B 1024)")
+
 LSTM_BACKENDS: Registry = Registry("LSTM ", {
     "torch": LSTMBackend("torch", None, None, "pure-PyTorch reference (autograd through torch ops)", None,
                          contiguous_only=False, layer=lstm_reference.layer, cell=lstm_reference.cell),
@@ -158,8 +166,9 @@ LSTM_BACKENDS: Registry = Registry("LSTM ", {
     "triton": LSTMBackend("triton", _TRITON_DEVICES, FUSED_DTYPES,
                           "Triton: persistent whole-sequence kernel (small H) or per-step fused cell" + _INTERPRETED,
                           _triton_reason(), contiguous_only=False, layer=lstm.triton_layer, cell=lstm.triton_cell),
-}, {"cuda": ("cuda", "triton", "torch"), "cpu": _LSTM_CPU_ORDER, "cpu:float64": _LSTM_CPU_FP64[0]},
-    {"cpu": _LSTM_CPU_WHY, "cpu:float64": _LSTM_CPU_FP64[1]})
+}, {"cuda": ("cuda", "triton", "torch"), "cpu": _LSTM_CPU_ORDER, "cpu:float64": _LSTM_CPU_FP64[0],
+    "cpu:no_grad": _LSTM_CPU_NO_GRAD[0]},
+    {"cpu": _LSTM_CPU_WHY, "cpu:float64": _LSTM_CPU_FP64[1], "cpu:no_grad": _LSTM_CPU_NO_GRAD[1]})
 
 # LSTMCell (one step per call, from a Python loop): the same backends, each through its ``cell``, in their own
 # order. On CPUs the C++ cell comes first on every instruction set: on the 2-core AVX-512 EPYC where the C++ layer
@@ -182,12 +191,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def select(registry: Registry, backend: str, device: torch.device, dtype: torch.dtype | None = None,
-           contiguous: bool = True) -> Backend:
+           contiguous: bool = True, grad: bool = True) -> Backend:
     """The backend of ``registry`` that runs on tensors of ``device``/``dtype``; raises with the reason if an
-    explicit one cannot. "auto" takes the first in the registry's auto order that can (the reference always can)."""
+    explicit one cannot. "auto" takes the first in the registry's auto order that can (the reference always can):
+    the order of "<device>:<dtype>" if the registry has one, else of "<device>:no_grad" when no gradient will be
+    taken (``grad=False``) and it has one, else of "<device>"."""
     if backend == "auto":
-        by_dtype = None if dtype is None else registry.auto_order.get(f"{device.type}:{_dtype_name(dtype)}")
-        for name in by_dtype or registry.auto_order.get(device.type, ("torch",)):
+        order = None if dtype is None else registry.auto_order.get(f"{device.type}:{_dtype_name(dtype)}")
+        if order is None and not grad:
+            order = registry.auto_order.get(f"{device.type}:no_grad")
+        for name in order or registry.auto_order.get(device.type, ("torch",)):
             if registry[name].unavailable_reason(device.type, dtype, contiguous) is None:
                 return registry[name]
         raise AssertionError("the torch backend is always available")
@@ -206,9 +219,13 @@ def _describe(registry: Registry) -> dict[str, dict]:
         info[name] = {"available": reason is None, "reason": reason, "device_types": b.device_types or "any",
                       "dtypes": [_dtype_name(d) for d in b.dtypes] if b.dtypes else "any",
                       "description": b.description}
-    info["auto"] = {key: select(registry, "auto", torch.device(key.split(":")[0]),
-                                getattr(torch, key.split(":")[1]) if ":" in key else None).name
-                    for key in registry.auto_order}
+    def chosen(key: str) -> str:
+        device, _, variant = key.partition(":")
+        if variant == "no_grad":
+            return select(registry, "auto", torch.device(device), grad=False).name
+        return select(registry, "auto", torch.device(device), getattr(torch, variant) if variant else None).name
+
+    info["auto"] = {key: chosen(key) for key in registry.auto_order}
     info["auto_why"] = dict(registry.auto_why)
     return info
 

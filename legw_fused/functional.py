@@ -42,7 +42,11 @@ def _run(unit: str, backend: str, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tenso
     for name, t in (("h0", h0), ("c0", c0), ("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih),
                     ("bias_hh", b_hh)):
         _check_same(name, t, x)
-    chosen = select(LSTM_CELL_BACKENDS if unit == "cell" else LSTM_BACKENDS, backend, x.device, x.dtype)
+    # Whether a backward can follow: auto may choose differently for evaluation and inference.
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+    chosen = select(LSTM_CELL_BACKENDS if unit == "cell" else LSTM_BACKENDS, backend, x.device, x.dtype,
+                    grad=grad)
     return getattr(chosen, unit)(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *extra)
 
 

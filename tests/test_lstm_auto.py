@@ -105,3 +105,40 @@ def test_lstm_auto_takes_the_cpp_layer_for_float64_on_every_cpu():
     assert fp32 == backends.select(backends.LSTM_BACKENDS, "auto", cpu).name  # other dtypes: the device's order
     info = legw_fused.backend_info()["lstm"]
     assert info["auto"]["cpu:float64"] == "cpp" and "float64" in info["auto_why"]["cpu:float64"]
+
+
+def test_lstm_auto_without_gradients_takes_torchs_kernel_on_cpu(monkeypatch):
+    """Evaluation and inference (grad mode off, or nothing requiring grad): "cpu:no_grad" orders torch's kernel first
+    for every dtype but float64 (its own key wins), and the module runs it; with gradients the device's order holds."""
+    cpu = torch.device("cpu")
+    reg = backends.LSTM_BACKENDS
+    assert reg.auto_order["cpu:no_grad"][0] == "native"
+    assert backends.select(reg, "auto", cpu, torch.float32, grad=False).name == "native"
+    assert backends.select(reg, "auto", cpu, torch.float64, grad=False).name == \
+        backends.select(reg, "auto", cpu, torch.float64).name
+    info = legw_fused.backend_info()["lstm"]
+    assert info["auto"]["cpu:no_grad"] == "native" and "no gradients" in info["auto_why"]["cpu:no_grad"]
+    # Which backend the module runs, in each mode, under the AVX2 rule (C++ layer first for training), so that the
+    # two modes differ on every CPU.
+    if reg["cpp"].unavailable_reason("cpu") is not None:
+        pytest.skip(reg["cpp"].unavailable_reason("cpu"))
+    monkeypatch.setitem(reg.auto_order, "cpu", ("cpp", "native", "torch"))
+    used = []
+    for name in ("native", "cpp", "torch"):
+        real = reg[name].layer
+        monkeypatch.setitem(reg, name, dataclasses.replace(
+            reg[name], layer=lambda *a, real=real, name=name: used.append(name) or real(*a)))
+    ours, ref = _pair()
+    ours.backend = "auto"
+    x = torch.randn(4, 3, 5)
+    with torch.no_grad():
+        assert_close_scaled("out", ours(x)[0], ref(x)[0], LSTM_TOL[torch.float32][0])
+    assert used == ["native"]
+    for p in ours.parameters():
+        p.requires_grad_(False)
+    ours(x)  # grad mode on, but nothing requires grad
+    assert used == ["native", "native"]
+    for p in ours.parameters():
+        p.requires_grad_(True)
+    ours(x)[0].sum().backward()  # training: the device's order
+    assert used == ["native", "native", "cpp"]

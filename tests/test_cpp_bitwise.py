@@ -87,8 +87,10 @@ def test_sgd_equals_torch_bitwise(cfg, lr_kind):
     run_sgd(cfg, lr_kind)
 
 
-def run_maximize(cfg, steps=STEPS):
-    # At the op level: the optimizer's own maximize argument is not this test's subject.
+def run_maximize(cfg, steps=STEPS, scale=None):
+    # At the op level: the optimizer's own maximize argument is not this test's subject. With `scale`, gradients are
+    # scaled as a GradScaler's loss makes them; ours unscales them as it reads them (grad_scale), torch's are
+    # unscaled first as GradScaler.unscale_ does.
     a, b, c = make_copies(3)
     theirs = [torch.optim.SGD(params, lr=0.05, foreach=foreach, maximize=True, **cfg)
               for params, foreach in ((b, False), (c, True))]
@@ -98,9 +100,14 @@ def run_maximize(cfg, steps=STEPS):
     gen = torch.Generator().manual_seed(1)
     for t in range(steps):
         set_grads([a, b, c], gen)
+        if scale is not None:
+            inv_scale = scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
+            for p in a + b + c:
+                p.grad.mul_(scale)
+            torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in b + c], torch.zeros(1), inv_scale)
         with torch.no_grad():
             bufs = backends.STEP_BACKENDS["cpp"].step_([p for p in a], [p.grad for p in a], bufs, lr=0.05, step=step,
-                                                        maximize=True, **hp)
+                                                        maximize=True, grad_scale=scale, **hp)
         for opt, params in zip(theirs, (b, c)):
             opt.step()
             for i, (pa, pb) in enumerate(zip(a, params)):
@@ -118,27 +125,7 @@ def test_maximize_op_equals_torch_bitwise(cfg):
 def test_maximize_with_grad_scale_equals_unscale_then_torch_bitwise(cfg):
     """maximize under a GradScaler: the kernel folds maximize into the unscale factor's sign (g * -s), which must equal
     torch's unscale (g * s, rounded) followed by SGD's negation. A scale of 3 makes the unscale round."""
-    a, b = make_copies(2)
-    theirs = torch.optim.SGD(b, lr=0.05, maximize=True, **cfg)
-    hp = dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False) | cfg
-    scale = torch.tensor(3.0)
-    inv_scale = scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
-    bufs = [None] * len(a)
-    step = torch.zeros((), dtype=torch.int64)
-    gen = torch.Generator().manual_seed(1)
-    for t in range(20):
-        set_grads([a, b], gen)
-        for p in a + b:
-            p.grad.mul_(scale)  # the scaled loss's gradients
-        torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in b], torch.zeros(1), inv_scale)
-        with torch.no_grad():
-            bufs = backends.STEP_BACKENDS["cpp"].step_([p for p in a], [p.grad for p in a], bufs, lr=0.05, step=step,
-                                                        maximize=True, grad_scale=scale, **hp)
-        theirs.step()
-        for i, (pa, pb) in enumerate(zip(a, b)):
-            assert torch.equal(pa.detach(), pb.detach()), f"step {t}: param {i} differs"
-            if hp["momentum"] != 0.0:
-                assert torch.equal(bufs[i], theirs.state[pb]["momentum_buffer"]), f"step {t}: buffer {i} differs"
+    run_maximize(cfg, steps=20, scale=torch.tensor(3.0))
 
 
 @pytest.mark.skipif(IN_SUBPROCESS in os.environ, reason="already the subprocess")

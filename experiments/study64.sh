@@ -9,7 +9,8 @@
 #   C  the baseline LR re-tuned for the 25-epoch budget at B0 = 128 (SGD; w0 from stage A's best): 0.1 0.2 0.4 0.8.
 #   D  the epoch budget at 8192: 50 and 100 epochs, with stage A/B/C's best configuration (set D_ARGS).
 # Each sweep trains the baseline (B0 = 128) and B = 8192 under the `legw` scheme, per seed. Results:
-# $OUT/<stage-name>/mnist/results.{json,md} and plots (mean ± sd over the seeds).
+# $OUT/<stage-name>/mnist/results.{json,md} and plots (mean ± sd over the seeds); all of them compared in
+# $OUT/summary.{md,png} (experiments/study64_summary.py).
 # Times on the 2-core CPU (measured on the full preset: ~5 minutes per 25-epoch training): A ~1.5 h, B ~1.5 h,
 # C ~1 h (one seed), D ~2 h. Usage: bash experiments/study64.sh [A|B|C|D ...] (default: all, in order).
 set -euo pipefail
@@ -37,7 +38,8 @@ stage_A() {
 }
 
 stage_B() {
-  for w0 in 0.015625 0.125 0.25; do
+  # w0 = 1/4 first: stage A's best for SGD, so the LARS-vs-SGD comparison that matters comes first.
+  for w0 in 0.25 0.015625 0.125; do
     # shellcheck disable=SC2086
     sweep "B-lars-w0-$w0" --batch-sizes 128 8192 --optimizer lars --base-warmup-epochs "$w0" --seeds $SEEDS
   done
@@ -54,6 +56,10 @@ stage_D() {
     # shellcheck disable=SC2086
     sweep "D-epochs-$epochs" --batch-sizes 8192 --epochs "$epochs" $D_ARGS --seeds $SEEDS
   done
+  # The baseline these are compared with: B0 = 128 at 25 epochs with the same configuration, per seed (stage C has
+  # seed 0 only).
+  # shellcheck disable=SC2086
+  sweep "D-baseline-128" --batch-sizes 128 $D_ARGS --seeds $SEEDS
 }
 
 stages=("$@")
@@ -64,3 +70,5 @@ for s in "${stages[@]}"; do
     *) echo "unknown stage $s (A, B, C or D)" >&2 && exit 2 ;;
   esac
 done
+# Every sweep so far in one table and one plot: $OUT/summary.md, $OUT/summary.png.
+"$PY" experiments/study64_summary.py "$OUT"

@@ -11,7 +11,7 @@ import json
 import math
 import statistics
 
-__all__ = ["PLOTS", "format_table", "plot_all", "summarize", "to_json"]
+__all__ = ["PLOTS", "format_comparison", "format_table", "plot_all", "plot_comparison", "summarize", "to_json"]
 
 PLOTS = ("metric_vs_batch.png", "lr_schedules.png", "training_curves.png")
 _LABEL = {"accuracy": "test accuracy", "bpc": "test bits per character"}
@@ -178,6 +178,73 @@ def _plot_curves(plt, runs: list[dict], schemes: list[str], metric: str, title: 
         ax.legend(fontsize="small")
     axes[0][0].set_ylabel("val " + ("accuracy" if metric == "accuracy" else "bits per character"))
     fig.suptitle(f"Training curves: {title}")
+    return _save(plt, fig, path)
+
+
+def _percent_or_plain(metric: str):
+    """How a comparison writes a metric's mean ± sd: accuracy in percent, bits per character as they are."""
+    if metric == "accuracy":
+        return lambda s: "-" if not s["n"] else (f"{100 * s['mean']:.2f}" +
+                                                  ("" if s["std"] is None else f" ± {100 * s['std']:.2f}") + "%")
+    return lambda s: "-" if not s["n"] else f"{s['mean']:.3f}" + ("" if s["std"] is None else f" ± {s['std']:.3f}")
+
+
+def format_comparison(named: dict[str, dict]) -> str:
+    """A Markdown table comparing sweeps (label -> results), one row per (sweep, scheme, batch) cell: the sweep's
+    optimizer, baseline LR and warmup w0 at B0, epochs; the cell's peak LR, warmup and total steps; how many of its
+    trainings finished; test and best val as mean ± sample sd over those; where the others diverged. A sweep that
+    is still running is marked "(partial)": its cells count only the trainings done."""
+    lines = ["| sweep | optimizer | LR0 | w0 | epochs | batch | peak LR | warmup / total steps | finished | test | "
+             "best val | diverged (seed: epoch) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for label, res in named.items():
+        fmt = _percent_or_plain(res["metric"])
+        first = {(r["scheme"], r["batch"]): r for r in reversed(res["runs"])}
+        name = label + ("" if res.get("complete", True) else " (partial)")
+        for c in res["cells"]:
+            r = first[c["scheme"], c["batch"]]
+            lost = ", ".join(f"{d['seed']}: {d['epoch']}" for d in c["diverged"]) or "-"
+            lines.append(f"| {name} | {res['optimizer']} | {res['baseline']['lr']:g} | "
+                         f"{res['baseline']['warmup_epochs']:g} | {res['epochs']} | {c['batch']} | "
+                         f"{r['peak_lr']:.4g} | {r['warmup_steps']} / {r['total_steps']} | "
+                         f"{c['test']['n']} of {len(c['seeds'])} | {fmt(c['test'])} | {fmt(c['best_val'])} | {lost} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(named: dict[str, dict], path):
+    """The test metric of every sweep's cells (mean ± sd over the seeds that finished), one colour per batch size,
+    the sweeps side by side; a cell whose every training diverged is marked x at the bottom."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(named)
+    batches = sorted({c["batch"] for res in named.values() for c in res["cells"]})
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) + 2), 4.5))
+    for j, b in enumerate(batches):
+        dx = (j - (len(batches) - 1) / 2) * 0.15  # side by side within a sweep
+        pts, lost = [], []
+        for i, res in enumerate(named.values()):
+            for c in res["cells"]:
+                if c["batch"] == b:
+                    (pts if c["test"]["n"] else lost).append((i + dx, c))
+        if pts:
+            ax.errorbar([x for x, _ in pts], [c["test"]["mean"] for _, c in pts],
+                        yerr=[c["test"]["std"] or 0.0 for _, c in pts], fmt="o", capsize=3, color=f"C{j}",
+                        label=f"B={b}")
+            for x, c in pts:
+                if c["diverged"]:  # how many finished: the mean is over these only
+                    ax.annotate(f"{c['test']['n']}/{len(c['seeds'])}", (x, c["test"]["mean"]), fontsize="small",
+                                xytext=(4, 4), textcoords="offset points", color=f"C{j}")
+        if lost:
+            ax.plot([x for x, _ in lost], [0.02] * len(lost), "x", color=f"C{j}", markersize=9,
+                    transform=ax.get_xaxis_transform(), label=f"B={b}: every training diverged")
+    ax.set_xticks(range(len(labels)), [k + ("" if named[k].get("complete", True) else " (partial)") for k in labels],
+                  rotation=30, ha="right", fontsize="small")
+    metric = next(iter(named.values()))["metric"] if named else "accuracy"
+    ax.set_ylabel(_LABEL[metric] + " (mean ± sd)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     return _save(plt, fig, path)
 
 

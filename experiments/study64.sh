@@ -5,14 +5,15 @@
 # interrupted training continues from its last epoch checkpoint). Stages, in the order they answer the question:
 #   A  base warmup w0 at B0 (LEGW scales it by k = 64): 1/64 (the current baseline: 6 warmup steps at every k),
 #      1/8, 1/4 epoch; SGD at the current baseline LR 0.8; 3 seeds.
-#   B  the same with LARS (baseline LR 4).
+#   B  the same with LARS (baseline LR 4), and LARS at baseline LR 1 (w0 = 1/4, one seed).
 #   C  the baseline LR re-tuned for the 25-epoch budget at B0 = 128 (SGD; w0 from stage A's best): 0.1 0.2 0.4 0.8.
 #   D  the epoch budget at 8192: 50 and 100 epochs, with stage A/B/C's best configuration (set D_ARGS).
 # Each sweep trains the baseline (B0 = 128) and B = 8192 under the `legw` scheme, per seed. Results:
 # $OUT/<stage-name>/mnist/results.{json,md} and plots (mean ± sd over the seeds); all of them compared in
 # $OUT/summary.{md,png} (experiments/study64_summary.py).
-# Times on the 2-core CPU (measured on the full preset: ~5 minutes per 25-epoch training): A ~1.5 h, B ~1.5 h,
-# C ~1 h (one seed), D ~2 h. Usage: bash experiments/study64.sh [A|B|C|D ...] (default: all, in order).
+# Times on the 2-core CPU (~3 minutes per 25-epoch training at B0 = 128, ~4 at 8192, less when it diverges):
+# A ~1.5 h, B ~1 h, C ~1 h (one seed), D ~1.3 h. Usage: bash experiments/study64.sh [A|B|C|D ...] (default: all,
+# in order).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-experiments/results/study64}
@@ -43,6 +44,8 @@ stage_B() {
     # shellcheck disable=SC2086
     sweep "B-lars-w0-$w0" --batch-sizes 128 8192 --optimizer lars --base-warmup-epochs "$w0" --seeds $SEEDS
   done
+  # LARS with a 4x smaller baseline LR (what made SGD finish at 8192 in stage C), w0 = 1/4, seed 0.
+  sweep "B-lars-lr-1" --batch-sizes 128 8192 --optimizer lars --base-lr 1 --base-warmup-epochs 0.25 --seeds 0
 }
 
 stage_C() {

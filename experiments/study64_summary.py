@@ -11,9 +11,20 @@ from pathlib import Path
 from legw_fused.train.report import format_comparison, plot_comparison
 
 
+def _order(path: Path) -> list:
+    """Sweeps in name order with numbers compared as numbers (D-epochs-50 before D-epochs-100)."""
+    parts = []
+    for part in path.parents[1].name.split("-"):
+        try:
+            parts.append((0, float(part), ""))
+        except ValueError:
+            parts.append((1, 0.0, part))
+    return parts
+
+
 def main(out: Path) -> str:
     named = {p.parents[1].name: json.loads(p.read_text(encoding="utf-8"))
-             for p in sorted(out.glob("*/*/results.json"))}
+             for p in sorted(out.glob("*/*/results.json"), key=_order)}
     if not named:
         raise SystemExit(f"no sweep under {out} (expected {out}/<sweep>/<task>/results.json)")
     table = format_comparison(named)

@@ -83,3 +83,7 @@ def test_comparison_plot_draws_means_with_sd_and_marks_cells_that_all_diverged(t
     assert e128 == pytest.approx([statistics.stdev([0.9871, 0.9893, 0.9902]), 0.0])
     assert y8k == pytest.approx([0.8714, 0.9043]) and x8k[0] < 1 < x8k[1] < 2  # sweeps A and C, not D
     assert marks == [([x8k[1] + 1], "x")]  # D (third sweep): every training diverged
+    names = ["D-epochs-100", "B-lars-w0-0.25", "D-epochs-50", "B-lars-w0-0.015625", "B-lars-lr-1"]
+    ordered = sorted((tmp_path / n / "mnist" / "results.json" for n in names), key=module._order)
+    assert [p.parents[1].name for p in ordered] == ["B-lars-lr-1", "B-lars-w0-0.015625", "B-lars-w0-0.25",
+                                                    "D-epochs-50", "D-epochs-100"]  # numbers as numbers

@@ -71,7 +71,7 @@ def format_table(results: dict) -> str:
     m = "acc" if metric == "accuracy" else metric
     spec = ".4f" if metric == "accuracy" else ".3f"
     seeds = len(results["seeds"])
-    first = {(r["scheme"], r["batch"]): r for r in reversed(results["runs"])}
+    first = _first_runs(results)
     rows = [_row(c, first[c["scheme"], c["batch"]], spec, seeds) for c in results["cells"]]
     keep = [i for i, (name, _) in enumerate(_COLUMNS) if name != "n" or seeds > 1]
     heads = [_COLUMNS[i][0] + (" " + m if _COLUMNS[i][0] == "test" else "") for i in keep]
@@ -93,6 +93,11 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _first_runs(results: dict) -> dict:
+    """Each (scheme, batch) cell's first run: the figures every seed of the cell shares (peak LR, steps)."""
+    return {(r["scheme"], r["batch"]): r for r in reversed(results["runs"])}
+
+
 def _join(cols: list[str], widths: list[int]) -> str:
     return "".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))
 
@@ -102,11 +107,7 @@ def to_json(results: dict) -> str:
 
 
 def plot_all(results: dict, out) -> list:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     title = f"{results['task']} ({results['preset']} preset, {results['optimizer']})"
     runs = results["runs"]
     schemes = list(dict.fromkeys(r["scheme"] for r in runs))
@@ -181,12 +182,17 @@ def _plot_curves(plt, runs: list[dict], schemes: list[str], metric: str, title: 
     return _save(plt, fig, path)
 
 
-def _percent_or_plain(metric: str):
-    """How a comparison writes a metric's mean ± sd: accuracy in percent, bits per character as they are."""
-    if metric == "accuracy":
-        return lambda s: "-" if not s["n"] else (f"{100 * s['mean']:.2f}" +
-                                                  ("" if s["std"] is None else f" ± {100 * s['std']:.2f}") + "%")
-    return lambda s: "-" if not s["n"] else f"{s['mean']:.3f}" + ("" if s["std"] is None else f" ± {s['std']:.3f}")
+def _mean_sd_text(s: dict, metric: str) -> str:
+    """A comparison's mean ± sd: accuracy in percent, bits per character as they are; "-" without a value."""
+    if not s["n"]:
+        return "-"
+    scale, spec, unit = (100, ".2f", "%") if metric == "accuracy" else (1, ".3f", "")
+    sd = "" if s["std"] is None else f" ± {scale * s['std']:{spec}}"
+    return f"{scale * s['mean']:{spec}}{sd}{unit}"
+
+
+def _sweep_label(label: str, results: dict) -> str:
+    return label + ("" if results.get("complete", True) else " (partial)")
 
 
 def format_comparison(named: dict[str, dict]) -> str:
@@ -197,27 +203,22 @@ def format_comparison(named: dict[str, dict]) -> str:
     lines = ["| sweep | optimizer | LR0 | w0 | epochs | batch | peak LR | warmup / total steps | finished | test | "
              "best val | diverged (seed: epoch) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label, res in named.items():
-        fmt = _percent_or_plain(res["metric"])
-        first = {(r["scheme"], r["batch"]): r for r in reversed(res["runs"])}
-        name = label + ("" if res.get("complete", True) else " (partial)")
+        first, name, metric = _first_runs(res), _sweep_label(label, res), res["metric"]
         for c in res["cells"]:
             r = first[c["scheme"], c["batch"]]
             lost = ", ".join(f"{d['seed']}: {d['epoch']}" for d in c["diverged"]) or "-"
             lines.append(f"| {name} | {res['optimizer']} | {res['baseline']['lr']:g} | "
                          f"{res['baseline']['warmup_epochs']:g} | {res['epochs']} | {c['batch']} | "
                          f"{r['peak_lr']:.4g} | {r['warmup_steps']} / {r['total_steps']} | "
-                         f"{c['test']['n']} of {len(c['seeds'])} | {fmt(c['test'])} | {fmt(c['best_val'])} | {lost} |")
+                         f"{c['test']['n']} of {len(c['seeds'])} | {_mean_sd_text(c['test'], metric)} | "
+                         f"{_mean_sd_text(c['best_val'], metric)} | {lost} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_comparison(named: dict[str, dict], path):
     """The test metric of every sweep's cells (mean ± sd over the seeds that finished), one colour per batch size,
     the sweeps side by side; a cell whose every training diverged is marked x at the bottom."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     labels = list(named)
     batches = sorted({c["batch"] for res in named.values() for c in res["cells"]})
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) + 2), 4.5))
@@ -239,13 +240,22 @@ def plot_comparison(named: dict[str, dict], path):
         if lost:
             ax.plot([x for x, _ in lost], [0.02] * len(lost), "x", color=f"C{j}", markersize=9,
                     transform=ax.get_xaxis_transform(), label=f"B={b}: every training diverged")
-    ax.set_xticks(range(len(labels)), [k + ("" if named[k].get("complete", True) else " (partial)") for k in labels],
-                  rotation=30, ha="right", fontsize="small")
+    ax.set_xticks(range(len(labels)), [_sweep_label(k, named[k]) for k in labels], rotation=30, ha="right",
+                  fontsize="small")
     metric = next(iter(named.values()))["metric"] if named else "accuracy"
     ax.set_ylabel(_LABEL[metric] + " (mean ± sd)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _save(plt, fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save(plt, fig, path):

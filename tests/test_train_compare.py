@@ -17,6 +17,14 @@ from legw_fused.train.report import format_comparison, summarize
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _summary_module():
+    """experiments/study64_summary.py, a script rather than a package module, loaded from its path."""
+    spec = importlib.util.spec_from_file_location("study64_summary", ROOT / "experiments" / "study64_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _run(batch, seed, test, best_val, diverged_epoch=None):
     return {"scheme": "legw", "batch": batch, "seed": seed, "peak_lr": 0.8 if batch == 128 else 6.4,
             "warmup_steps": 6, "total_steps": 9750 if batch == 128 else 150,
@@ -69,9 +77,7 @@ def test_comparison_plot_draws_means_with_sd_and_marks_cells_that_all_diverged(t
                         lambda self, *a, **kw: marks.append((list(a[0]), a[2] if len(a) > 2 else None))
                         or plot(self, *a, **kw))
     gone = {"D": _results([_run(8192, s, 0, 0, diverged_epoch=2) for s in (0, 1)], 32.0, 1 / 64)}
-    summary = importlib.util.spec_from_file_location("study64_summary", ROOT / "experiments" / "study64_summary.py")
-    module = importlib.util.module_from_spec(summary)
-    summary.loader.exec_module(module)
+    module = _summary_module()
     for name, res in {**SWEEPS, **gone}.items():
         (tmp_path / name / "mnist").mkdir(parents=True)
         (tmp_path / name / "mnist" / "results.json").write_text(json.dumps(res))
@@ -87,3 +93,10 @@ def test_comparison_plot_draws_means_with_sd_and_marks_cells_that_all_diverged(t
     ordered = sorted((tmp_path / n / "mnist" / "results.json" for n in names), key=module._order)
     assert [p.parents[1].name for p in ordered] == ["B-lars-lr-1", "B-lars-w0-0.015625", "B-lars-w0-0.25",
                                                     "D-epochs-50", "D-epochs-100"]  # numbers as numbers
+
+
+def test_summary_of_a_folder_without_sweeps_says_what_it_expected(tmp_path):
+    module = _summary_module()
+    with pytest.raises(SystemExit, match="no sweep under .*<sweep>/<task>/results.json"):
+        module.main(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -17,4 +17,16 @@ inline bool cpu_has_avx2_fma() {
 #endif
 }
 
+// AVX-512 F, VL, BW and DQ: what the loops compiled under `target("avx512f,avx512vl,avx512bw,avx512dq")` may use.
+inline bool cpu_has_avx512() {
+#ifdef LEGW_FUSED_AVX2
+  static const bool ok = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 }  // namespace legw_fused

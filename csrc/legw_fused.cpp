@@ -8,6 +8,8 @@
 
 #include <string>
 
+#include "lstm.h"
+
 extern "C" {
 // Importing legw_fused._C loads this shared library, which registers the ops below with the dispatcher.
 // No pybind11: it would only add compile time.
@@ -20,6 +22,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddIntConstant(m, "WITH_CUDA", 0);
 #endif
+  PyModule_AddIntConstant(m, "LSTM_CPU_SEQUENCE", legw_fused::lstm::cpu_sequence_kernel() ? 1 : 0);
+  PyModule_AddStringConstant(m, "LSTM_CPU_ROWS", legw_fused::lstm::cpu_rows_isa());
   return m;
 }
 }

@@ -77,22 +77,28 @@ void fwd_rows_any(scalar_t* a, const acc_t* bias, const acc_t* c_prev, acc_t* c,
                   int64_t H) {
 #ifdef LEGW_FUSED_AVX2
   switch (row_isa()) {
-    case RowIsa::avx512: return avx512::fwd_rows(a, bias, c_prev, c, h, b0, b1, H);
-    case RowIsa::avx2: return avx2::fwd_rows(a, bias, c_prev, c, h, b0, b1, H);
-    case RowIsa::base: break;
+    case RowIsa::avx512:
+      return avx512::fwd_rows(a, bias, c_prev, c, h, b0, b1, H);
+    case RowIsa::avx2:
+      return avx2::fwd_rows(a, bias, c_prev, c, h, b0, b1, H);
+    case RowIsa::base:
+      break;
   }
 #endif
   base::fwd_rows(a, bias, c_prev, c, h, b0, b1, H);
 }
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void bwd_rows_any(const scalar_t* act, const acc_t* c_prev, const acc_t* c, const scalar_t* dout, const scalar_t* dh_rec,
-                  acc_t* dc, scalar_t* da, int64_t b0, int64_t b1, int64_t H) {
+void bwd_rows_any(const scalar_t* act, const acc_t* c_prev, const acc_t* c, const scalar_t* dout,
+                  const scalar_t* dh_rec, acc_t* dc, scalar_t* da, int64_t b0, int64_t b1, int64_t H) {
 #ifdef LEGW_FUSED_AVX2
   switch (row_isa()) {
-    case RowIsa::avx512: return avx512::bwd_rows(act, c_prev, c, dout, dh_rec, dc, da, b0, b1, H);
-    case RowIsa::avx2: return avx2::bwd_rows(act, c_prev, c, dout, dh_rec, dc, da, b0, b1, H);
-    case RowIsa::base: break;
+    case RowIsa::avx512:
+      return avx512::bwd_rows(act, c_prev, c, dout, dh_rec, dc, da, b0, b1, H);
+    case RowIsa::avx2:
+      return avx2::bwd_rows(act, c_prev, c, dout, dh_rec, dc, da, b0, b1, H);
+    case RowIsa::base:
+      break;
   }
 #endif
   base::bwd_rows(act, c_prev, c, dout, dh_rec, dc, da, b0, b1, H);
@@ -276,7 +282,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dx, dw_ih, dw_hh, db, dh, dc.to(x.scalar_type())};
 }
 
-
 // ---- fp32 on the CPU: each batch slice's whole time loop on raw rows, with oneDNN's brgemm micro-kernel ----------
 //
 // at::native::cpublas::brgemm (fp32: oneDNN's JIT micro-kernel on AVX2 and up, torch's gemm below that) ran a
@@ -333,9 +338,8 @@ void concat_weights_t(const float* w_ih, const float* w_hh, int64_t I, int64_t H
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd_seq_f32(
-    const at::Tensor& x_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
-    const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0_in,
-    const at::Tensor& c0_in, bool reverse) {
+    const at::Tensor& x_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0_in, const at::Tensor& c0_in, bool reverse) {
   const at::Tensor x = x_in.contiguous(), w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1), G = 4 * H, K = I + H;
   at::Tensor bias = at::zeros({G}, x.options());
@@ -396,11 +400,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dw_t_parts = at::empty({slices, K, G}, x.options());  // each slice's Σ A_tᵀ·dA_t
   at::Tensor db_parts = at::empty({slices, G}, x.options());
   const float *xp = x.const_data_ptr<float>(), *actp = act.const_data_ptr<float>(), *csp = cs.const_data_ptr<float>(),
-              *outp = out.const_data_ptr<float>(), *h0p = h0.const_data_ptr<float>(),
-              *c0p = c0.const_data_ptr<float>(), *doutp = dout.defined() ? dout.const_data_ptr<float>() : nullptr,
+              *outp = out.const_data_ptr<float>(), *h0p = h0.const_data_ptr<float>(), *c0p = c0.const_data_ptr<float>(),
+              *doutp = dout.defined() ? dout.const_data_ptr<float>() : nullptr,
               *dh_np = dh_n.defined() ? dh_n.const_data_ptr<float>() : nullptr,
-              *dc_np = dc_n.defined() ? dc_n.const_data_ptr<float>() : nullptr,
-              *w_ihp = w_ih.const_data_ptr<float>(), *w_hhp = w_hh.const_data_ptr<float>();
+              *dc_np = dc_n.defined() ? dc_n.const_data_ptr<float>() : nullptr, *w_ihp = w_ih.const_data_ptr<float>(),
+              *w_hhp = w_hh.const_data_ptr<float>();
   float *dhp = dh.data_ptr<float>(), *dcp = dc.data_ptr<float>(), *dxp = compute_dx ? dx.data_ptr<float>() : nullptr;
   for_batch_slices(x, T, B, [&](int64_t sl, int64_t b0, int64_t n) {
     std::vector<float> da(n * G), a_t(K * n);
@@ -409,16 +413,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::fill(dw_t, dw_t + K * G, 0.f);
     std::fill(db, db + G, 0.f);
     float *dh_s = dhp + b0 * H, *dc_s = dcp + b0 * H;
-    if (dh_np) copy_rows(dh_np + b0 * H, H, dh_s, H, n, H); else std::fill(dh_s, dh_s + n * H, 0.f);
-    if (dc_np) copy_rows(dc_np + b0 * H, H, dc_s, H, n, H); else std::fill(dc_s, dc_s + n * H, 0.f);
+    if (dh_np)
+      copy_rows(dh_np + b0 * H, H, dh_s, H, n, H);
+    else
+      std::fill(dh_s, dh_s + n * H, 0.f);
+    if (dc_np)
+      copy_rows(dc_np + b0 * H, H, dc_s, H, n, H);
+    else
+      std::fill(dc_s, dc_s + n * H, 0.f);
     for (int64_t s = T - 1; s >= 0; --s) {
       const int64_t t = reverse ? T - 1 - s : s;
       const int64_t t_prev = reverse ? t + 1 : t - 1;  // the step processed before t
       const float* c_prev = (s == 0 ? c0p : csp + t_prev * B * H) + b0 * H;
       const float* h_prev = (s == 0 ? h0p : outp + t_prev * B * H) + b0 * H;
       // Row pointers of this slice, so that the row loop runs over 0 .. n like the slice's own buffers.
-      bwd_rows_any(actp + (t * B + b0) * G, c_prev, csp + (t * B + b0) * H,
-                   doutp ? doutp + (t * B + b0) * H : nullptr, dh_s, dc_s, da.data(), 0, n, H);
+      bwd_rows_any(actp + (t * B + b0) * G, c_prev, csp + (t * B + b0) * H, doutp ? doutp + (t * B + b0) * H : nullptr,
+                   dh_s, dc_s, da.data(), 0, n, H);
       for (int64_t r = 0; r < n; ++r) {
         const float* dar = da.data() + r * G;
 #pragma omp simd
@@ -466,6 +476,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 #endif  // CPUBLAS_BRGEMM_F32F32F32
 
 }  // namespace
+
+const char* cpu_rows_isa() {
+  switch (row_isa()) {
+    case RowIsa::avx512:
+      return "avx512";
+    case RowIsa::avx2:
+      return "avx2";
+    case RowIsa::base:
+      break;
+  }
+  return "baseline";
+}
+
+bool cpu_sequence_kernel() {
+#ifdef LEGW_FUSED_SEQ_F32
+  return true;
+#else
+  return false;
+#endif
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
     const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,

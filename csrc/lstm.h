@@ -150,5 +150,11 @@ void pointwise_bwd_cuda(const at::Tensor& act, const at::Tensor& c_prev, const a
                         const at::Tensor& dh_rec, at::Tensor& dc, at::Tensor& da);
 #endif
 
+// What the CPU layer runs in this process, for legw_fused._C (reported by `legw-fused info`): the row loops' build
+// ("avx512", "avx2" or "baseline", by ATen's CPU capability and the CPU), and whether fp32 sequences take the
+// whole-sequence brgemm path (compiled where torch exports an fp32 at::native::cpublas::brgemm).
+const char* cpu_rows_isa();
+bool cpu_sequence_kernel();
+
 }  // namespace lstm
 }  // namespace legw_fused

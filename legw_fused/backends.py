@@ -123,20 +123,34 @@ STEP_BACKENDS: Registry = Registry("", {
 }, _STEP_AUTO_ORDER)
 
 
-def _lstm_cpu_auto() -> tuple[tuple[str, ...], str]:
-    """The LSTM's CPU order for "auto": our C++ layer, except where torch's own kernel is known to be faster.
-
-    Measured (bench/lstm.py, MNIST shape T 28, I 28, H 128, fwd+bwd): the C++ layer was 1.24x nn.LSTM on an AVX2 CPU
-    (bench/results/lstm_cpu.*), but 0.57x (B 128) and 0.92x (B 1024) on an AVX-512 EPYC, where oneDNN's LSTM runs
-    AVX-512 kernels (issue #17). So on CPUs where ATen dispatches to AVX-512, auto takes torch's own kernel."""
+def _lstm_cpu_auto_by_capability() -> tuple[tuple[str, ...], str]:
+    """The LSTM's CPU order where the C++ layer runs its per-step path (half precision, or a torch without an fp32
+    brgemm): torch's own kernel first on AVX-512 CPUs, where oneDNN's LSTM beat that path (0.57x at B 128, 0.92x at
+    B 1024 fwd+bwd on an AVX-512 EPYC, issue #17; bf16 0.6x at B 128), the C++ layer elsewhere (1.24x nn.LSTM on an
+    AVX2 CPU, bench/results/lstm_cpu.*)."""
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
     if capability.startswith("AVX512"):
         return ("native", "cpp", "torch"), (f"ATen CPU capability {capability}: torch's oneDNN LSTM beat the C++ "
-                                            f"layer on AVX-512 (0.57x at B 128)")
+                                            f"layer's per-step path on AVX-512 (0.57x at B 128)")
     return ("cpp", "native", "torch"), f"ATen CPU capability {capability}: the C++ layer (1.24x nn.LSTM on AVX2)"
 
 
+def _lstm_cpu_auto() -> tuple[tuple[str, ...], str]:
+    """The LSTM's CPU order for "auto" in fp32: the C++ layer's whole-sequence kernel (ops.LSTM_CPU_SEQUENCE) where it
+    is built, on every instruction set; it measured LSTM_CPU_FIGURES below. Without it, by ATen's capability."""
+    if not ops.LSTM_CPU_SEQUENCE:
+        return _lstm_cpu_auto_by_capability()
+    return ("cpp", "native", "torch"), (f"fp32 sequence kernel (oneDNN brgemm GEMMs, {ops.LSTM_CPU_ROWS} row "
+                                        f"loops): {LSTM_CPU_FIGURES}")
+
+
+# bench/lstm.py, MNIST shape (T 28, I 28, H 128), forward + backward, C++ layer over nn.LSTM in the same run.
+LSTM_CPU_FIGURES = "1.2x+ nn.LSTM fwd+bwd on an AVX-512 EPYC and with both held to AVX2 (bench/results/lstm_cpu.md)"
+
+
 _LSTM_CPU_ORDER, _LSTM_CPU_WHY = _lstm_cpu_auto()
+# bf16 / fp16: the whole-sequence kernel is fp32 only, so the C++ layer runs its per-step path: by capability.
+_LSTM_CPU_HALF = _lstm_cpu_auto_by_capability()
 # fp64 on every CPU: oneDNN has no fp64 LSTM, so torch runs its per-op reference cell there; the C++ layer measured
 # 2.05x nn.LSTM fwd+bwd at torch's sine-wave shape (T 100, B 97, I 1, H 51) on the AVX-512 EPYC (bench/lstm.py,
 # commit 15e4551).
@@ -154,7 +168,7 @@ LSTM_BACKENDS: Registry = Registry("LSTM ", {
     "torch": LSTMBackend("torch", None, None, "pure-PyTorch reference (autograd through torch ops)", None,
                          contiguous_only=False, layer=lstm_reference.layer, cell=lstm_reference.cell),
     "cpp": LSTMBackend("cpp", ("cpu",), FUSED_DTYPES + (torch.float64,),
-                       "C++ CPU layer: hoisted input GEMM, fused pointwise forward/backward, batched weight grads",
+                       "C++ CPU layer: fp32 sequences per batch slice on oneDNN brgemm GEMMs, fused pointwise kernels",
                        _extension_reason("lstm_layer_fwd", "CPU"), contiguous_only=False,
                        layer=lstm.extension_layer, cell=lstm.extension_cell),
     "cuda": LSTMBackend("cuda", ("cuda",), FUSED_DTYPES + (torch.float64,),
@@ -167,8 +181,9 @@ LSTM_BACKENDS: Registry = Registry("LSTM ", {
                           "Triton: persistent whole-sequence kernel (small H) or per-step fused cell" + _INTERPRETED,
                           _triton_reason(), contiguous_only=False, layer=lstm.triton_layer, cell=lstm.triton_cell),
 }, {"cuda": ("cuda", "triton", "torch"), "cpu": _LSTM_CPU_ORDER, "cpu:float64": _LSTM_CPU_FP64[0],
-    "cpu:no_grad": _LSTM_CPU_NO_GRAD[0]},
-    {"cpu": _LSTM_CPU_WHY, "cpu:float64": _LSTM_CPU_FP64[1], "cpu:no_grad": _LSTM_CPU_NO_GRAD[1]})
+    "cpu:bfloat16": _LSTM_CPU_HALF[0], "cpu:float16": _LSTM_CPU_HALF[0], "cpu:no_grad": _LSTM_CPU_NO_GRAD[0]},
+    {"cpu": _LSTM_CPU_WHY, "cpu:float64": _LSTM_CPU_FP64[1], "cpu:bfloat16": _LSTM_CPU_HALF[1],
+     "cpu:float16": _LSTM_CPU_HALF[1], "cpu:no_grad": _LSTM_CPU_NO_GRAD[1]})
 
 # LSTMCell (one step per call, from a Python loop): the same backends, each through its ``cell``, in their own
 # order. On CPUs the C++ cell comes first on every instruction set: on the 2-core AVX-512 EPYC where the C++ layer

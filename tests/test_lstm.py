@@ -4,6 +4,11 @@ Oracle: torch's own modules in float32 (or float64 for gradcheck). Low-precision
 oracle run on the same (rounded) weights and inputs, within a per-dtype bound relative to the tensor's magnitude.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import legw_fused
 from _helpers import LSTM_TOL, assert_close_scaled
 from legw_fused import functional as LF
+from legw_fused import ops
 from legw_fused.backends import LSTM_BACKENDS
 
 # Worst error allowed, as a fraction of max(1, max |oracle|), for outputs/states and for gradients. fp32: a few
@@ -95,6 +101,101 @@ def test_cpp_batch_slices(threads):
         _check_against_torch("cpp", (4, 70, 6, 9, 1, True, False, True), torch.float32)
     finally:
         torch.set_num_threads(before)
+
+
+# The C++ CPU layer's instruction-set paths (csrc/lstm.cpp): the row loops are built for baseline x86-64, AVX2 and
+# AVX-512 and chosen by ATen's CPU capability; fp32 sequences run their GEMMs on oneDNN's brgemm, whose JIT follows
+# ONEDNN_MAX_CPU_ISA and which falls back to torch's gemm below AVX2 or with oneDNN disabled. Each path is checked
+# against nn.LSTM on the machine at hand; a path this CPU cannot execute is skipped and says so.
+ISA_CASES = [(6, 70, 6, 9, 1, True, False, True),  # two batch slices on two threads, both directions
+             (5, 3, 4, 6, 1, False, False, True)]
+ISA_RUNS = {  # the row loops' build: the environment that selects it, the CPU flags it needs
+    "avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, {"avx2", "fma"}),
+    "baseline": ({"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}, set()),
+}
+ISA_SUBPROCESS = "LEGW_FUSED_TEST_LSTM_ISA_SUBPROCESS"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _check_isa_cases():
+    for case in ISA_CASES:
+        for dtype in (torch.float32, torch.bfloat16):
+            _check_against_torch("cpp", case, dtype)
+
+
+def _skip_without_cpp():
+    if LSTM_BACKENDS["cpp"].unavailable_reason("cpu") is not None:
+        pytest.skip(LSTM_BACKENDS["cpp"].unavailable_reason("cpu"))
+
+
+def test_cpp_row_loops_follow_aten_capability_and_the_cpu():
+    _skip_without_cpp()
+    capability, flags = torch.backends.cpu.get_cpu_capability(), _cpu_flags()
+    if capability.startswith("AVX512") and {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
+        expected = "avx512"
+    elif capability != "DEFAULT" and {"avx2", "fma"} <= flags:
+        expected = "avx2"
+    else:
+        expected = "baseline"
+    assert ops.LSTM_CPU_ROWS == expected, (capability, sorted(f for f in flags if f.startswith("avx")))
+
+
+def test_cpp_sequence_kernel_built_where_torch_has_an_fp32_brgemm():
+    _skip_without_cpp()
+    header = Path(torch.__file__).parent / "include" / "ATen" / "native" / "CPUBlas.h"
+    if not header.exists():
+        pytest.skip(f"torch ships no {header}: cannot tell which brgemm it exports")
+    assert ops.LSTM_CPU_SEQUENCE == ("CPUBLAS_BRGEMM_F32F32F32" in header.read_text())
+
+
+def test_cpp_layer_this_processes_rows():
+    """The build this process runs (AVX-512 on an AVX-512 CPU), oneDNN's brgemm at the CPU's own level."""
+    _skip_without_cpp()
+    _check_isa_cases()
+
+
+def test_cpp_layer_avx512_rows_ran_here():
+    _skip_without_cpp()
+    if ops.LSTM_CPU_ROWS != "avx512":
+        pytest.skip(f"this process runs the {ops.LSTM_CPU_ROWS} row loops (ATen capability "
+                    f"{torch.backends.cpu.get_cpu_capability()}): the AVX-512 build cannot be checked on this CPU")
+    _check_isa_cases()
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_cpp_layer_with_onednn_disabled():
+    """torch.backends.mkldnn disabled: the brgemm calls fall back to torch's gemm."""
+    _skip_without_cpp()
+    with torch.backends.mkldnn.flags(enabled=False):
+        _check_isa_cases()
+
+
+@pytest.mark.skipif(ISA_SUBPROCESS in os.environ, reason="already the subprocess")
+@pytest.mark.parametrize("rows", sorted(ISA_RUNS))
+def test_cpp_layer_on_a_lower_instruction_set(rows):
+    """A fresh process with ATen's capability (which picks the row loops) and oneDNN's JIT held to a lower level."""
+    _skip_without_cpp()
+    env_vars, needs = ISA_RUNS[rows]
+    if needs - _cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(needs - _cpu_flags())}: the {rows} build cannot run here")
+    script = (f"import legw_fused.ops as o, test_lstm as t\n"
+              f"assert o.LSTM_CPU_ROWS == {rows!r}, o.LSTM_CPU_ROWS\n"
+              f"t._check_isa_cases()\n")
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, **env_vars, PYTHONPATH=os.pathsep.join(
+        [str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")]), **{ISA_SUBPROCESS: "1"})
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tests.parent, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per-step"])

@@ -54,10 +54,37 @@ def test_native_backend_reverse_direction_by_flipping():
 @pytest.mark.parametrize("capability, first", [("AVX512", "native"), ("AVX512_VNNI", "native"), ("AVX2", "cpp"),
                                                ("DEFAULT", "cpp")])
 def test_cpu_auto_rule_by_aten_capability(monkeypatch, capability, first):
+    """Where the C++ layer has no whole-sequence kernel (a torch without an fp32 brgemm), and for bf16/fp16 (the
+    kernel is fp32 only): torch's oneDNN LSTM first on AVX-512 CPUs, the C++ layer elsewhere."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(backends.ops, "LSTM_CPU_SEQUENCE", False)
+    for order, why in (backends._lstm_cpu_auto(), backends._lstm_cpu_auto_by_capability()):
+        assert order[0] == first and order[-1] == "torch" and set(order) == {"native", "cpp", "torch"}
+        assert capability in why
+
+
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2", "DEFAULT"])
+def test_cpu_auto_takes_the_sequence_kernel_on_every_capability(monkeypatch, capability):
+    """With the whole-sequence kernel built, fp32 training takes the C++ layer whatever the instruction set, and the
+    reason names the kernel, its row loops and the measured figures; bf16 and fp16 keep the capability rule."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(backends.ops, "LSTM_CPU_SEQUENCE", True)
     order, why = backends._lstm_cpu_auto()
-    assert order[0] == first and order[-1] == "torch" and set(order) == {"native", "cpp", "torch"}
-    assert capability in why
+    assert order == ("cpp", "native", "torch")
+    assert "brgemm" in why and backends.ops.LSTM_CPU_ROWS in why and backends.LSTM_CPU_FIGURES in why
+
+
+def test_half_precision_keeps_the_capability_rule_on_this_cpu():
+    """bf16/fp16 run the C++ layer's per-step path (the sequence kernel is fp32 only), where oneDNN's bf16 LSTM was
+    faster on AVX-512 (0.6x at B 128): their own keys carry the capability rule, fp32 keeps the device's order."""
+    reg, cpu = backends.LSTM_BACKENDS, torch.device("cpu")
+    rule, why = backends._lstm_cpu_auto_by_capability()
+    for dtype in (torch.bfloat16, torch.float16):
+        key = f"cpu:{str(dtype).removeprefix('torch.')}"
+        assert reg.auto_order[key] == rule and reg.auto_why[key] == why
+        available = [n for n in rule if reg[n].unavailable_reason("cpu", dtype) is None]
+        assert backends.select(reg, "auto", cpu, dtype).name == available[0]
+    assert backends.select(reg, "auto", cpu, torch.float32).name == backends.select(reg, "auto", cpu).name
 
 
 def test_auto_on_this_cpu_follows_the_rule_and_says_why():

@@ -19,11 +19,17 @@ try:
 
     EXTENSION_ERROR: str | None = None
     WITH_CUDA: bool = bool(_C.WITH_CUDA)
+    # The C++ CPU LSTM in this process (csrc/lstm.h): whether fp32 sequences run the whole-sequence brgemm kernel,
+    # and which build of the row loops runs ("avx512", "avx2", "baseline").
+    LSTM_CPU_SEQUENCE: bool = bool(_C.LSTM_CPU_SEQUENCE)
+    LSTM_CPU_ROWS: str = _C.LSTM_CPU_ROWS
 except ImportError as exc:
     _C = None
     EXTENSION_ERROR = (f"legw_fused._C is not built or failed to load ({exc}); reinstall with "
                        f"`pip install --no-build-isolation .` against the torch you run")
     WITH_CUDA = False
+    LSTM_CPU_SEQUENCE = False
+    LSTM_CPU_ROWS = "none"
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

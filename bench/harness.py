@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -68,8 +69,12 @@ def cpu_description() -> dict:
         pass
     vector = sorted(f for f in flags if re.fullmatch(r"avx\d*\w*|fma|f16c|amx\w*|sse4_2", f))
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    # ONEDNN_MAX_CPU_ISA (or its old name) caps oneDNN's JIT kernels below what the CPU has: how a run emulates a
+    # CPU with fewer vector extensions, together with ATEN_CPU_CAPABILITY (which also picks legw_fused's row loops).
+    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "the CPU's"
     return {"cpu": model, "vector_extensions": vector, "aten_cpu_capability": capability,
-            "mkldnn": torch.backends.mkldnn.is_available(), "mkl": torch.backends.mkl.is_available()}
+            "mkldnn": torch.backends.mkldnn.is_available(), "mkl": torch.backends.mkl.is_available(),
+            "onednn_max_cpu_isa": onednn_cap, "lstm_cpu_rows": legw_fused.ops.LSTM_CPU_ROWS}
 
 
 def commit() -> str:
@@ -107,6 +112,9 @@ def describe(meta: dict) -> str:
     if "vector_extensions" in meta:
         extra = (f", {' '.join(meta['vector_extensions'])}, ATen {meta['aten_cpu_capability']}, "
                  f"oneDNN {'on' if meta['mkldnn'] else 'off'}, MKL {'on' if meta['mkl'] else 'off'}")
+        if "onednn_max_cpu_isa" in meta:  # runs from before session 9 did not record these
+            extra += (f", oneDNN ISA {meta['onednn_max_cpu_isa']}, legw_fused C++ LSTM rows "
+                      f"{meta['lstm_cpu_rows']}")
     return (f"{meta['device_name']} ({meta['device']}, {meta['threads']} threads{extra}), torch {meta['torch']}, "
             f"triton {meta['triton']}, commit {meta['commit']}, {meta['date']}")
 

@@ -78,6 +78,10 @@ TORCH_LIBRARY(legw_fused, m) {
       "lstm_layer_bwd(Tensor? dout, Tensor? dh_n, Tensor? dc_n, Tensor x, Tensor w_ih, Tensor w_hh, Tensor h0, "
       "Tensor c0, Tensor out, Tensor gates, Tensor cs, bool reverse, bool compute_dx) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The forward where no gradient will be taken (CPU): (out, h_n, c_n), keeping nothing for a backward.
+  m.def(
+      "lstm_layer_infer(Tensor x, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor h0, Tensor c0, "
+      "bool reverse) -> (Tensor, Tensor, Tensor)");
 }
 
 // fused_step_ writes its params, buffers, masters and |p|^2 chunk sums in place, so like any in-place op it must bump

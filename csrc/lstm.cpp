@@ -337,42 +337,49 @@ void concat_weights_t(const float* w_ih, const float* w_hh, int64_t I, int64_t H
   transpose_rows(w_hh, H, dst + I * G, G, G, H);
 }
 
+// keep: the activated gates [T, B, G] and cell states [T, B, H] for a backward (returned as the 4th and 5th
+// outputs). Without it (inference) each slice keeps one step's gates [n, G] and two cell-state rows [n, H] in scratch
+// that stays in its core's cache: the [T, B, G] buffer was 58 MB at B 1024, most of a no-grad forward's time in
+// page faults and writes; the 4th and 5th outputs are then empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd_seq_f32(
     const at::Tensor& x_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& b_ih,
-    const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0_in, const at::Tensor& c0_in, bool reverse) {
+    const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0_in, const at::Tensor& c0_in, bool reverse, bool keep) {
   const at::Tensor x = x_in.contiguous(), w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1), G = 4 * H, K = I + H;
   at::Tensor bias = at::zeros({G}, x.options());
   if (b_ih.has_value()) bias.add_(*b_ih);
   if (b_hh.has_value()) bias.add_(*b_hh);
-  at::Tensor gates = at::empty({T, B, G}, x.options());
+  at::Tensor gates = keep ? at::empty({T, B, G}, x.options()) : at::empty({0}, x.options());
+  at::Tensor cs = keep ? at::empty({T, B, H}, x.options()) : at::empty({0}, x.options());
   at::Tensor out = at::empty({T, B, H}, x.options());
-  at::Tensor cs = at::empty({T, B, H}, x.options());
   at::Tensor h_n = at::empty({B, H}, x.options()), c_n = at::empty({B, H}, x.options());
   const at::Tensor h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const float *xp = x.const_data_ptr<float>(), *w_ihp = w_ih.const_data_ptr<float>(),
               *w_hhp = w_hh.const_data_ptr<float>(), *biasp = bias.const_data_ptr<float>(),
               *h0p = h0.const_data_ptr<float>(), *c0p = c0.const_data_ptr<float>();
-  float *gp = gates.data_ptr<float>(), *outp = out.data_ptr<float>(), *csp = cs.data_ptr<float>(),
-        *h_np = h_n.data_ptr<float>(), *c_np = c_n.data_ptr<float>();
+  float *gp = keep ? gates.data_ptr<float>() : nullptr, *csp = keep ? cs.data_ptr<float>() : nullptr,
+        *outp = out.data_ptr<float>(), *h_np = h_n.data_ptr<float>(), *c_np = c_n.data_ptr<float>();
   for_batch_slices(x, T, B, [&](int64_t, int64_t b0, int64_t n) {
-    std::vector<float> w(K * G), xh(n * K);  // the B operand; [x_t | h_{t-1}] of this slice's rows
+    // The B operand; [x_t | h_{t-1}] of this slice's rows; without keep, one step's gates and two cell states.
+    std::vector<float> w(K * G), xh(n * K), scratch(keep ? 0 : n * (G + 2 * H));
     concat_weights_t(w_ihp, w_hhp, I, H, w.data());
     copy_rows(h0p + b0 * H, H, xh.data() + I, K, n, H);
-    const float* c_prev = c0p;  // rows indexed from batch row 0, like every [B, *] pointer below
+    // Pointers to this slice's first row: the row loops run over rows 0 .. n.
+    const float* c_prev = c0p + b0 * H;
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s;
       copy_rows(xp + (t * B + b0) * I, I, xh.data(), K, n, I);
-      float* g_t = gp + t * B * G;
-      brgemm_f32(n, G, K, K, G, G, /*add_c=*/false, xh.data(), w.data(), g_t + b0 * G);
-      float *c_t = csp + t * B * H, *h_t = outp + t * B * H;
-      fwd_rows_any(g_t, biasp, c_prev, c_t, h_t, b0, b0 + n, H);
-      copy_rows(h_t + b0 * H, H, xh.data() + I, K, n, H);
+      float* g_t = keep ? gp + (t * B + b0) * G : scratch.data();
+      float* c_t = keep ? csp + (t * B + b0) * H : scratch.data() + n * G + (s % 2) * n * H;
+      float* h_t = outp + (t * B + b0) * H;
+      brgemm_f32(n, G, K, K, G, G, /*add_c=*/false, xh.data(), w.data(), g_t);
+      fwd_rows_any(g_t, biasp, c_prev, c_t, h_t, 0, n, H);
+      copy_rows(h_t, H, xh.data() + I, K, n, H);
       c_prev = c_t;
     }
     // h_n and c_n: copies of the last step's rows (outputs of an op may not alias each other).
     copy_rows(xh.data() + I, K, h_np + b0 * H, H, n, H);
-    copy_rows(c_prev + b0 * H, H, c_np + b0 * H, H, n, H);
+    copy_rows(c_prev, H, c_np + b0 * H, H, n, H);
   });
   return {out, h_n, c_n, gates, cs};
 }
@@ -503,10 +510,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
 #ifdef LEGW_FUSED_SEQ_F32
   if (use_seq_f32(x)) {
     check_layer_args(x, w_ih, w_hh, b_ih, b_hh, h0, c0);
-    return layer_fwd_seq_f32(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse);
+    return layer_fwd_seq_f32(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, /*keep=*/true);
   }
 #endif
   return layer_fwd(pointwise_fwd_cpu, x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse);
+}
+
+// The forward without a backward to prepare for (no gradient needed): out, h_n, c_n.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_infer_cpu(
+    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, const at::Tensor& c0, bool reverse) {
+  check_layer_args(x, w_ih, w_hh, b_ih, b_hh, h0, c0);
+  at::Tensor out, h_n, c_n;
+#ifdef LEGW_FUSED_SEQ_F32
+  if (use_seq_f32(x)) {
+    std::tie(out, h_n, c_n, std::ignore, std::ignore) =
+        layer_fwd_seq_f32(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, /*keep=*/false);
+    return {out, h_n, c_n};
+  }
+#endif
+  std::tie(out, h_n, c_n, std::ignore, std::ignore) =
+      layer_fwd(pointwise_fwd_cpu, x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse);
+  return {out, h_n, c_n};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
@@ -543,6 +568,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_IMPL(legw_fused, CPU, m) {
   m.impl("lstm_layer_fwd", &legw_fused::lstm::lstm_layer_fwd_cpu);
   m.impl("lstm_layer_bwd", &legw_fused::lstm::lstm_layer_bwd_cpu);
+  m.impl("lstm_layer_infer", &legw_fused::lstm::lstm_layer_infer_cpu);
 }
 
 #ifdef LEGW_FUSED_WITH_CUDA

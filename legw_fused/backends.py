@@ -156,13 +156,19 @@ _LSTM_CPU_HALF = _lstm_cpu_auto_by_capability()
 # commit 15e4551).
 _LSTM_CPU_FP64 = ("cpp", "native", "torch"), "float64: no oneDNN LSTM; the C++ layer 2.05x nn.LSTM (B 97, H 51)"
 
-# Without gradients (evaluation, inference) on every CPU but for fp64: torch's kernel. The C++ layer's forward
-# always writes the [T, B, 4H] gates for a backward (58 MB at B 1024), and it measured 0.61x and 0.88x nn.LSTM's
-# no-grad forward at B 1024 (1.00x at B 128) with oneDNN and ATen held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2,
-# ATEN_CPU_CAPABILITY=avx2) on the AVX-512 EPYC: where auto takes the C++ layer for training, evaluation would
-# otherwise be slower than nn.LSTM. fp64 keeps its own order (the "cpu:float64" key is looked up first).
-_LSTM_CPU_NO_GRAD = ("native", "cpp", "torch"), ("no gradients needed: torch's kernel (the C++ layer's forward "
-                                                  "keeps the gates for a backward; 0.61-0.88x nn.LSTM at B 1024)")
+# Without gradients (evaluation, inference), fp32: with the sequence kernel built, the C++ layer's inference op (it
+# keeps no gates for a backward), else torch's kernel: the per-step path's forward always wrote the [T, B, 4H] gates
+# (58 MB at B 1024) and measured 0.61x and 0.88x nn.LSTM's no-grad forward at B 1024 with oneDNN and ATen held to
+# AVX2. fp64, bf16 and fp16 keep their own orders (a "cpu:<dtype>" key is looked up first).
+def _lstm_cpu_no_grad() -> tuple[tuple[str, ...], str]:
+    if ops.LSTM_CPU_SEQUENCE:
+        return ("cpp", "native", "torch"), f"no gradients needed: the C++ inference op ({LSTM_CPU_NO_GRAD_FIGURES})"
+    return ("native", "cpp", "torch"), ("no gradients needed: torch's kernel (the C++ layer's per-step forward "
+                                        "keeps the gates for a backward; 0.61-0.88x nn.LSTM at B 1024)")
+
+
+LSTM_CPU_NO_GRAD_FIGURES = "1.13x / 1.37x nn.LSTM's no-grad forward at B 128 / 1024 on the AVX-512 EPYC"
+_LSTM_CPU_NO_GRAD = _lstm_cpu_no_grad()
 
 LSTM_BACKENDS: Registry = Registry("LSTM ", {
     "torch": LSTMBackend("torch", None, None, "pure-PyTorch reference (autograd through torch ops)", None,
@@ -258,5 +264,5 @@ def backend_info() -> dict[str, dict]:
                          "with_cuda": ops.WITH_CUDA,
                          "ops": {op: [k for k in ("CPU", "CUDA") if ops.has_kernel(op, k)]
                                  for op in ("legw_lr", "fused_step_", "sum_squares", "lstm_layer_fwd",
-                                            "lstm_layer_bwd")}}
+                                            "lstm_layer_bwd", "lstm_layer_infer")}}
     return info

@@ -198,6 +198,34 @@ def test_cpp_layer_on_a_lower_instruction_set(rows):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("case", [(6, 70, 6, 9, 1, True, False, True), (1, 3, 4, 5, 1, False, False, True),
+                                  (5, 3, 4, 6, 2, False, True, False)], ids=["slices-bi", "T1", "2-layers-nobias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_layer_without_gradients_runs_the_inference_op(monkeypatch, case, dtype):
+    """No gradient to take (grad mode off, or nothing requiring grad): the C++ layer runs lstm_layer_infer, which keeps
+    nothing for a backward, and gives nn.LSTM's outputs; with gradients it runs lstm_layer_fwd."""
+    _skip_without_cpp()
+    T, B, I, H, L, bi, bf, bias = case
+    torch.manual_seed(0)
+    ours, ref = _pair(legw_fused.LSTM, nn.LSTM, I, H, L, bias, bf, 0.0, bi, dtype=dtype, backend="cpp")
+    D = 2 if bi else 1
+    x = torch.randn((B, T, I) if bf else (T, B, I))
+    h0, c0 = 0.5 * torch.randn(L * D, B, H), torch.randn(L * D, B, H)
+    called = []
+    for op in ("lstm_layer_infer", "lstm_layer_fwd"):
+        real = getattr(torch.ops.legw_fused, op)
+        monkeypatch.setattr(torch.ops.legw_fused, op, lambda *a, real=real, op=op: called.append(op) or real(*a))
+    with torch.no_grad():
+        rout, (rh, rc) = ref(x, (h0, c0))
+        out, (h, c) = ours(x.to(dtype), (h0.to(dtype), c0.to(dtype)))
+    assert set(called) == {"lstm_layer_infer"} and len(called) == L * D
+    for name, a, b in (("output", out, rout), ("h_n", h, rh), ("c_n", c, rc)):
+        assert_close_scaled(name, a, b, LSTM_TOL[dtype][0])
+    called.clear()
+    ours(x.to(dtype).requires_grad_(), (h0.to(dtype), c0.to(dtype)))
+    assert set(called) == {"lstm_layer_fwd"}
+
+
 @pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per-step"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_both_kernels(monkeypatch, persistent, dtype):
@@ -392,6 +420,10 @@ def test_opcheck_compiled_ops():
         torch.library.opcheck(torch.ops.legw_fused.lstm_layer_bwd,
                               (torch.randn_like(out), torch.randn_like(h_n), None, x, w_ih, w_hh, h0, c0, out, gates,
                                cs, reverse, True))
+        torch.library.opcheck(torch.ops.legw_fused.lstm_layer_infer, (x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse))
+        infer = torch.ops.legw_fused.lstm_layer_infer(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse)
+        for a, b in zip(infer, (out, h_n, c_n)):  # the same kernel but for what it keeps: the same bits
+            assert torch.equal(a, b)
     # batch_first hands the layer a transposed x (and the weights may be transposed views): the fakes must give
     # the kernel's contiguous strides all the same, or inductor rejects the compiled backward.
     xt = torch.randn(B, T, I).transpose(0, 1)

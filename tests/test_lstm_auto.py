@@ -134,22 +134,34 @@ def test_lstm_auto_takes_the_cpp_layer_for_float64_on_every_cpu():
     assert info["auto"]["cpu:float64"] == "cpp" and "float64" in info["auto_why"]["cpu:float64"]
 
 
-def test_lstm_auto_without_gradients_takes_torchs_kernel_on_cpu(monkeypatch):
-    """Evaluation and inference (grad mode off, or nothing requiring grad): "cpu:no_grad" orders torch's kernel first
-    for every dtype but float64 (its own key wins), and the module runs it; with gradients the device's order holds."""
+@pytest.mark.parametrize("sequence_kernel, first", [(True, "cpp"), (False, "native")])
+def test_lstm_auto_without_gradients_rule(monkeypatch, sequence_kernel, first):
+    """Evaluation and inference: the C++ inference op first where the sequence kernel is built (it keeps no gates for
+    a backward), torch's kernel otherwise (the per-step forward writes them)."""
+    monkeypatch.setattr(backends.ops, "LSTM_CPU_SEQUENCE", sequence_kernel)
+    order, why = backends._lstm_cpu_no_grad()
+    assert order[0] == first and order[-1] == "torch" and set(order) == {"native", "cpp", "torch"}
+    assert "no gradients" in why
+
+
+def test_lstm_auto_without_gradients_has_its_own_order_on_cpu(monkeypatch):
+    """Evaluation and inference (grad mode off, or nothing requiring grad): "cpu:no_grad" has its own order for every
+    dtype without a key of its own (float64's wins), and the module runs it; with gradients the device's order holds."""
     cpu = torch.device("cpu")
     reg = backends.LSTM_BACKENDS
-    assert reg.auto_order["cpu:no_grad"][0] == "native"
-    assert backends.select(reg, "auto", cpu, torch.float32, grad=False).name == "native"
+    order, why = backends._lstm_cpu_no_grad()
+    assert reg.auto_order["cpu:no_grad"] == order
+    available = [n for n in order if reg[n].unavailable_reason("cpu", torch.float32) is None]
+    assert backends.select(reg, "auto", cpu, torch.float32, grad=False).name == available[0]
     assert backends.select(reg, "auto", cpu, torch.float64, grad=False).name == \
         backends.select(reg, "auto", cpu, torch.float64).name
     info = legw_fused.backend_info()["lstm"]
-    assert info["auto"]["cpu:no_grad"] == "native" and "no gradients" in info["auto_why"]["cpu:no_grad"]
-    # Which backend the module runs, in each mode, under the AVX2 rule (C++ layer first for training), so that the
-    # two modes differ on every CPU.
+    assert info["auto"]["cpu:no_grad"] == available[0] and info["auto_why"]["cpu:no_grad"] == why
+    # Which backend the module runs in each mode, with the two orders made to differ.
     if reg["cpp"].unavailable_reason("cpu") is not None:
         pytest.skip(reg["cpp"].unavailable_reason("cpu"))
     monkeypatch.setitem(reg.auto_order, "cpu", ("cpp", "native", "torch"))
+    monkeypatch.setitem(reg.auto_order, "cpu:no_grad", ("native", "cpp", "torch"))
     used = []
     for name in ("native", "cpp", "torch"):
         real = reg[name].layer

@@ -40,6 +40,12 @@ if _C is not None:
                 w_hh.new_empty(w_hh.shape), x.new_empty(w_hh.shape[0]), h0.new_empty(h0.shape),
                 c0.new_empty(c0.shape))
 
+    @torch.library.register_fake("legw_fused::lstm_layer_infer")
+    def _infer_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse):
+        T, B, _ = x.shape
+        H = w_hh.shape[1]
+        return x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, H)
+
     def _setup_context(ctx, inputs, output):
         x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse = inputs
         out, _, _, gates, cs = output
@@ -64,7 +70,11 @@ if _C is not None:
 
 def extension_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                    b_hh: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer, one direction, on the extension's C++ CPU or CUDA op (lstm_reference.layer's signature)."""
+    """One layer, one direction, on the extension's C++ CPU or CUDA op (lstm_reference.layer's signature). On the CPU,
+    where no gradient will be taken, the inference op: it keeps nothing for a backward."""
+    if x.device.type == "cpu" and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh))):
+        return torch.ops.legw_fused.lstm_layer_infer(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse)
     out, h_n, c_n, _, _ = torch.ops.legw_fused.lstm_layer_fwd(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse)
     return out, h_n, c_n
 

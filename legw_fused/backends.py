@@ -144,8 +144,10 @@ def _lstm_cpu_auto() -> tuple[tuple[str, ...], str]:
                                         f"loops): {LSTM_CPU_FIGURES}")
 
 
-# bench/lstm.py, MNIST shape (T 28, I 28, H 128), forward + backward, C++ layer over nn.LSTM in the same run.
-LSTM_CPU_FIGURES = "1.2x+ nn.LSTM fwd+bwd on an AVX-512 EPYC and with both held to AVX2 (bench/results/lstm_cpu.md)"
+# bench/lstm.py, MNIST shape (T 28, I 28, H 128), C++ layer over nn.LSTM measured interleaved in one run (commit
+# f6e8d69, 2-core AVX-512 EPYC; "AVX2": the same machine with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2).
+LSTM_CPU_FIGURES = ("1.36x / 1.76x nn.LSTM fwd+bwd at B 128 / 1024 on an AVX-512 EPYC, 1.17x / 1.42x held to AVX2 "
+                    "(bench/results)")
 
 
 _LSTM_CPU_ORDER, _LSTM_CPU_WHY = _lstm_cpu_auto()
@@ -154,7 +156,7 @@ _LSTM_CPU_HALF = _lstm_cpu_auto_by_capability()
 # fp64 on every CPU: oneDNN has no fp64 LSTM, so torch runs its per-op reference cell there; the C++ layer measured
 # 2.05x nn.LSTM fwd+bwd at torch's sine-wave shape (T 100, B 97, I 1, H 51) on the AVX-512 EPYC (bench/lstm.py,
 # commit 15e4551).
-_LSTM_CPU_FP64 = ("cpp", "native", "torch"), "float64: no oneDNN LSTM; the C++ layer 2.05x nn.LSTM (B 97, H 51)"
+_LSTM_CPU_FP64 = ("cpp", "native", "torch"), "float64: no oneDNN LSTM; the C++ layer 2.05-2.33x nn.LSTM (B 97, H 51)"
 
 # Without gradients (evaluation, inference), fp32: with the sequence kernel built, the C++ layer's inference op (it
 # keeps no gates for a backward), else torch's kernel: the per-step path's forward always wrote the [T, B, 4H] gates
@@ -167,7 +169,8 @@ def _lstm_cpu_no_grad() -> tuple[tuple[str, ...], str]:
                                         "keeps the gates for a backward; 0.61-0.88x nn.LSTM at B 1024)")
 
 
-LSTM_CPU_NO_GRAD_FIGURES = "1.13x / 1.37x nn.LSTM's no-grad forward at B 128 / 1024 on the AVX-512 EPYC"
+LSTM_CPU_NO_GRAD_FIGURES = ("1.34x / 1.38x nn.LSTM's no-grad forward at B 128 / 1024 on the AVX-512 EPYC, 1.18x / "
+                            "1.52x held to AVX2")
 _LSTM_CPU_NO_GRAD = _lstm_cpu_no_grad()
 
 LSTM_BACKENDS: Registry = Registry("LSTM ", {

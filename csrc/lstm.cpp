@@ -465,15 +465,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int64_t sl = 1; sl < slices; ++sl) acc += dbpp[sl * G + g];
       dbp[g] = acc;
     }
-    for (int64_t sl = 0; sl < slices; ++sl) {
-      // transposed block [K, g1 - g0] of this slice, into [g1 - g0, K]
-      std::vector<float> blk((g1 - g0) * K);
+    // [K, g1 - g0] blocks of each slice, transposed into [g1 - g0, K] and added in slice order.
+    transpose_rows(partp + g0, G, sum.data(), K, K, g1 - g0);
+    std::vector<float> blk(slices > 1 ? sum.size() : 0);
+    for (int64_t sl = 1; sl < slices; ++sl) {
       transpose_rows(partp + sl * K * G + g0, G, blk.data(), K, K, g1 - g0);
-      if (sl == 0) {
-        sum.swap(blk);
-      } else {
-        for (size_t i = 0; i < sum.size(); ++i) sum[i] += blk[i];
-      }
+      for (size_t i = 0; i < sum.size(); ++i) sum[i] += blk[i];
     }
     copy_rows(sum.data(), K, dw_ihp + g0 * I, I, g1 - g0, I);
     copy_rows(sum.data() + I, K, dw_hhp + g0 * H, H, g1 - g0, H);

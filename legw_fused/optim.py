@@ -307,7 +307,7 @@ class _MomentumOptimizer(Optimizer):
                 # LARS: over which process group each param's local sums of squares add up (None: local is whole);
                 # raises for placements it cannot handle, before anything changes.
                 norm_groups = [sharded_norm_group(p) for p in params] if hp["lars"] and sharded else None
-                grads = [grads_all[i] for i in indices]
+                grads = grads_all if len(indices) == len(grads_all) else [grads_all[i] for i in indices]
                 backend = self._backend_for(group, device, _real_dtype(dtype), contiguous,
                                             sparse and any(g.is_sparse for g in grads))
                 torch_sgd = backend.name == "torch" and (group.get("differentiable", False) or sparse)
@@ -370,7 +370,7 @@ class _MomentumOptimizer(Optimizer):
             current = [None if x is None else torch.view_as_real(x) for x in current]
         bufs = b.backend.step_(b.local_params, b.local_grads, current, masters=b.masters, norms_sq=b.norms_sq,
                                param_sq=b.param_sq, param_sq_cached=b.param_sq_cached, **b.kwargs)
-        if b.group["momentum"] != 0:
+        if bufs is not current:  # new buffers were made (a backend returns the list it was given otherwise)
             for p, state, buf in zip(b.params, b.states, bufs):
                 if buf is not None and state.get("momentum_buffer") is None:
                     if b.is_complex and not b.torch_sgd:

@@ -87,6 +87,28 @@ def test_sgd_equals_torch_bitwise(cfg, lr_kind):
     run_sgd(cfg, lr_kind)
 
 
+# (key, value) written into both optimizers' param groups before each step: step() checks a group again only when
+# it holds other value objects than at the last step, so each edit must reach the kernels from the step that follows.
+GROUP_EDITS = [(), (("weight_decay", 1e-2),), (("momentum", 0.5), ("dampening", 0.1)), (),
+               (("dampening", 0.0), ("nesterov", True)), (("lr", 0.02),), (("maximize", True),),
+               (("nesterov", False), ("momentum", 0.0)), (("momentum", 0.9),), (("weight_decay", 0.0),)]
+
+
+def test_group_edits_between_steps_equal_torch_bitwise():
+    a, b = make_copies(2)
+    ours = legw_fused.SGD(a, lr=0.05, momentum=0.9, backend="cpp")
+    theirs = torch.optim.SGD(b, lr=0.05, momentum=0.9, foreach=False)
+    gen = torch.Generator().manual_seed(3)
+    for t, edits in enumerate(GROUP_EDITS * 2):
+        for key, value in edits:
+            ours.param_groups[0][key] = value
+            theirs.param_groups[0][key] = value
+        set_grads([a, b], gen)
+        ours.step()
+        theirs.step()
+        assert_bitwise(ours, theirs, a, b, t)
+
+
 def run_maximize(cfg, steps=STEPS, scale=None):
     # At the op level: the optimizer's own maximize argument is not this test's subject. With `scale`, gradients are
     # scaled as a GradScaler's loss makes them; ours unscales them as it reads them (grad_scale), torch's are

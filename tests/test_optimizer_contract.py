@@ -410,6 +410,34 @@ def test_bad_group_edit_raises_at_step_before_any_change(key, value, match):
     assert_unchanged(opt, snap)
 
 
+def test_param_made_non_contiguous_mid_training_goes_to_a_backend_that_takes_it():
+    """step() remembers its backend choices; one made for contiguous params must not serve a param that has become a
+    non-contiguous view since (``p.data = ...``): auto moves its bucket to the reference, an explicit fused backend
+    refuses before any change."""
+    require_backend("cpp")
+    a, b, c = make_params(), make_params(), make_params()
+    ours = SGD(a, lr=0.1, momentum=0.9, backend="auto")
+    theirs = torch.optim.SGD(b, lr=0.1, momentum=0.9)
+    explicit = SGD(c, lr=0.1, momentum=0.9, backend="cpp")
+    gen = torch.Generator().manual_seed(4)
+    steps([(ours, a), (theirs, b), (explicit, c)], 2, gen)
+    assert [bk.backend.name for bk in ours._buckets()] == ["cpp"]
+    matrix = next(i for i, p in enumerate(a) if p.dim() == 2)
+    for params in (a, b, c):
+        p = params[matrix]
+        p.data = p.data.t().contiguous().t()  # the same values, as a non-contiguous view
+        assert not p.is_contiguous()
+    steps([(ours, a), (theirs, b)], 2, gen)
+    assert [bk.backend.name for bk in ours._buckets()] == ["torch"]  # the bucket is no longer all contiguous
+    for pa, pb in zip(a, b):
+        assert_close(pa.detach(), pb.detach(), "fused")
+    set_random_grads([c], gen)
+    snap = snapshot(explicit)
+    with pytest.raises(RuntimeError, match="needs contiguous tensors"):
+        explicit.step()
+    assert_unchanged(explicit, snap)
+
+
 @pytest.mark.parametrize("lr", [0.1, SCHED], ids=["float-lr", "legw-lr"])
 @pytest.mark.parametrize("cfg", [dict(), dict(momentum=0.9, dampening=0.2), dict(maximize=True)], ids=str)
 def test_sparse_gradients_step_as_torch_sgd(cfg, lr):

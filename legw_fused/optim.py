@@ -412,7 +412,7 @@ class _MomentumOptimizer(Optimizer):
                     state["momentum_buffer"] = wrap_like(buf, p) if is_dtensor(p) else buf
         if b.param_sq is not None:
             entry = self._param_sq_cache[b.cache_key]
-            entry["versions"] = [t._version for t in entry["tensors"]]  # written by this update: the cache holds
+            entry["versions"] = list(map(_version, entry["tensors"]))  # written by this update: the cache holds
         if b.masters is not None:
             self._master_versions.update((id(p), lp._version) for p, lp in zip(b.params, b.local_params))
 
@@ -426,11 +426,11 @@ class _MomentumOptimizer(Optimizer):
         entry = self._param_sq_cache.get(key)
         targets = masters or local_params
         valid = entry is not None and entry["versions"] is not None and len(entry["tensors"]) == len(targets) and \
-            all(map(operator.is_, entry["tensors"], targets)) and [t._version for t in targets] == entry["versions"] \
-            and [t.data_ptr() for t in targets] == entry["ptrs"]
+            all(map(operator.is_, entry["tensors"], targets)) and list(map(_version, targets)) == entry["versions"] \
+            and list(map(Tensor.data_ptr, targets)) == entry["ptrs"]
         if not valid:
             n_chunks = sum(-(-t.numel() // chunk) for t in targets)
-            entry = {"tensors": list(targets), "versions": None, "ptrs": [t.data_ptr() for t in targets],
+            entry = {"tensors": list(targets), "versions": None, "ptrs": list(map(Tensor.data_ptr, targets)),
                      "param_sq": torch.zeros(n_chunks, dtype=torch.float32, device=targets[0].device)}
             self._param_sq_cache[key] = entry
         return entry["param_sq"], valid
@@ -624,6 +624,10 @@ def _check_tensor_lr(lr, where: str) -> None:
 
 def _group_values(group: dict) -> dict:
     return {k: v for k, v in group.items() if k != "params"}
+
+
+# The |p|^2 cache's per-tensor reads, mapped in C (it is never used under torch.compile, which cannot trace these).
+_version = operator.attrgetter("_version")
 
 
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -145,8 +145,8 @@ def _lstm_cpu_auto() -> tuple[tuple[str, ...], str]:
 
 
 # bench/lstm.py, MNIST shape (T 28, I 28, H 128), C++ layer over nn.LSTM measured interleaved in one run (commit
-# f6e8d69, 2-core AVX-512 EPYC; "AVX2": the same machine with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2).
-LSTM_CPU_FIGURES = ("1.36x / 1.76x nn.LSTM fwd+bwd at B 128 / 1024 on an AVX-512 EPYC, 1.17x / 1.42x held to AVX2 "
+# 0f79f29, 2-core AVX-512 EPYC; "AVX2": the same machine with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2).
+LSTM_CPU_FIGURES = ("1.27x / 1.89x nn.LSTM fwd+bwd at B 128 / 1024 on an AVX-512 EPYC, 1.21x / 1.41x held to AVX2 "
                     "(bench/results)")
 
 
@@ -169,8 +169,8 @@ def _lstm_cpu_no_grad() -> tuple[tuple[str, ...], str]:
                                         "keeps the gates for a backward; 0.61-0.88x nn.LSTM at B 1024)")
 
 
-LSTM_CPU_NO_GRAD_FIGURES = ("1.34x / 1.38x nn.LSTM's no-grad forward at B 128 / 1024 on the AVX-512 EPYC, 1.18x / "
-                            "1.52x held to AVX2")
+LSTM_CPU_NO_GRAD_FIGURES = ("1.05x / 1.80x nn.LSTM's no-grad forward at B 128 / 1024 on the AVX-512 EPYC, 1.28x / "
+                            "1.38x held to AVX2")
 _LSTM_CPU_NO_GRAD = _lstm_cpu_no_grad()
 
 LSTM_BACKENDS: Registry = Registry("LSTM ", {

@@ -501,33 +501,33 @@ bool cpu_sequence_kernel() {
 #endif
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
+namespace {
+// fp32 sequences on the whole-sequence kernel where it is built, all else on the per-step path. keep: the gates and
+// cell states for a backward (the 4th and 5th outputs; without it they are empty on the sequence kernel).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd_cpu(
     const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
-    const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, const at::Tensor& c0, bool reverse) {
+    const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, const at::Tensor& c0, bool reverse, bool keep) {
 #ifdef LEGW_FUSED_SEQ_F32
   if (use_seq_f32(x)) {
     check_layer_args(x, w_ih, w_hh, b_ih, b_hh, h0, c0);
-    return layer_fwd_seq_f32(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, /*keep=*/true);
+    return layer_fwd_seq_f32(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, keep);
   }
 #endif
   return layer_fwd(pointwise_fwd_cpu, x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse);
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, const at::Tensor& c0, bool reverse) {
+  return layer_fwd_cpu(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, /*keep=*/true);
 }
 
 // The forward without a backward to prepare for (no gradient needed): out, h_n, c_n.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_infer_cpu(
     const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, const at::Tensor& c0, bool reverse) {
-  check_layer_args(x, w_ih, w_hh, b_ih, b_hh, h0, c0);
-  at::Tensor out, h_n, c_n;
-#ifdef LEGW_FUSED_SEQ_F32
-  if (use_seq_f32(x)) {
-    std::tie(out, h_n, c_n, std::ignore, std::ignore) =
-        layer_fwd_seq_f32(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, /*keep=*/false);
-    return {out, h_n, c_n};
-  }
-#endif
-  std::tie(out, h_n, c_n, std::ignore, std::ignore) =
-      layer_fwd(pointwise_fwd_cpu, x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse);
+  auto [out, h_n, c_n, gates, cs] = layer_fwd_cpu(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, /*keep=*/false);
   return {out, h_n, c_n};
 }
 

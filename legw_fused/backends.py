@@ -155,8 +155,8 @@ _LSTM_CPU_ORDER, _LSTM_CPU_WHY = _lstm_cpu_auto()
 _LSTM_CPU_HALF = _lstm_cpu_auto_by_capability()
 # fp64 on every CPU: oneDNN has no fp64 LSTM, so torch runs its per-op reference cell there; the C++ layer measured
 # 2.05x nn.LSTM fwd+bwd at torch's sine-wave shape (T 100, B 97, I 1, H 51) on the AVX-512 EPYC (bench/lstm.py,
-# commit 15e4551).
-_LSTM_CPU_FP64 = ("cpp", "native", "torch"), "float64: no oneDNN LSTM; the C++ layer 2.05-2.33x nn.LSTM (B 97, H 51)"
+# commit 15e4551; 2.33x at f6e8d69, 2.80x at 0f79f29).
+_LSTM_CPU_FP64 = ("cpp", "native", "torch"), "float64: no oneDNN LSTM; the C++ layer 2.05-2.80x nn.LSTM (B 97, H 51)"
 
 # Without gradients (evaluation, inference), fp32: with the sequence kernel built, the C++ layer's inference op (it
 # keeps no gates for a backward), else torch's kernel: the per-step path's forward always wrote the [T, B, 4H] gates

@@ -259,6 +259,87 @@ def test_closure_zero_grad_hooks_and_add_param_group(backend):
     assert int(opt.state[extra]["step"]) == 6
 
 
+@pytest.mark.parametrize("cls", [SGD, LARS])
+def test_global_hooks_argument_rewrites_and_profiler_range_as_torch(cls):
+    # torch.optim's step wrapper is the oracle: the same hooks on torch.optim.SGD and on ours must see the same calls
+    # (global and per-optimizer, pre and post, in torch's order), a pre hook's new arguments must reach step(), and a
+    # profiler must record the same "Optimizer.step#<class>.step" range (ours opens it only while one runs).
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 2))
+    ours = cls([w], lr=0.1, momentum=0.9)
+    ref_w = torch.nn.Parameter(w.detach().clone())
+    ref = torch.optim.SGD([ref_w], lr=0.1, momentum=0.9)
+    w0 = w.detach().clone()
+    calls = []
+    loss_of = {}
+
+    def replace_closure(opt, args, kwargs):
+        calls.append(("pre", type(opt).__module__, len(args), sorted(kwargs)))
+        p = next(iter(opt.param_groups[0]["params"]))
+
+        def closure():
+            p.grad = torch.ones_like(p)
+            loss_of[id(opt)] = torch.tensor(2.0)
+            return loss_of[id(opt)]
+        return args[:1], {"closure": closure}
+
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre", type(o).__module__))),
+               register_optimizer_step_post_hook(
+                   lambda o, a, k: calls.append(("global post", type(o).__module__, sorted(k))))]
+    try:
+        for opt in (ref, ours):
+            opt.register_step_pre_hook(replace_closure)
+            opt.register_step_post_hook(lambda o, a, k: calls.append(("post", type(o).__module__)))
+        got = [opt.step(lambda: torch.tensor(-1.0)) for opt in (ref, ours)]
+    finally:
+        for h in handles:
+            h.remove()
+    assert got[0] is loss_of[id(ref)] and got[1] is loss_of[id(ours)]  # step() ran the hook's closure
+    # The closure's grad was used: torch's SGD, or for LARS one without hooks given that grad, lands on the same values.
+    twin = ref_w
+    if cls is LARS:
+        twin = torch.nn.Parameter(w0)
+        twin.grad = torch.ones_like(twin)
+        LARS([twin], lr=0.1, momentum=0.9).step()
+    torch.testing.assert_close(w, twin, rtol=0, atol=0)
+    ref_calls, our_calls = calls[:4], calls[4:]
+    mod = type(ours).__module__
+    assert our_calls == [(c[0], mod, *c[2:]) for c in ref_calls]
+    assert [c[0] for c in ref_calls] == ["global pre", "pre", "post", "global post"]
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for opt in (ref, ours):
+        opt.zero_grad()
+        opt.param_groups[0]["params"][0].grad = torch.ones(3, 2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ref.step()
+        ours.step()
+    names = {e.name for e in prof.events()}
+    assert "Optimizer.step#SGD.step" in names
+    assert f"Optimizer.step#{cls.__name__}.step" in names
+
+
+def test_a_subclass_that_overrides_step_is_wrapped_by_torch():
+    # Our step carries torch's "hooked" mark so that torch does not wrap it again; a subclass's own step does not,
+    # and torch wraps it as it wraps any optimizer's: its hooks run.
+    class Counting(SGD):
+        def step(self, closure=None):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().step(closure)
+
+    w = torch.nn.Parameter(torch.randn(4))
+    opt = Counting([w], lr=0.1)
+    seen = []
+    opt.register_step_post_hook(lambda o, a, k: seen.append(o.calls))
+    w.grad = torch.ones(4)
+    opt.step()
+    opt.step()
+    assert seen == [1, 2]
+
+
 def test_lr_schedule_runs_without_host_reads(monkeypatch):
     """The LEGW LR and LARS ratios stay tensors: no .item()/float()/bool() on a tensor inside step() (a fused
     backend; the reference reads CPU values on the host, where that costs no sync)."""

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -43,16 +44,23 @@ def cuda_times_ms(fn, warmup: int, reps: int) -> dict:
 
 def cpu_times_ms(fns: list, warmup: int, reps: int) -> list[dict]:
     """p20 / median ("ms") / p80 wall time of each callable, measured round-robin: on a shared 2-core machine the
-    speed drifts by tens of percent over minutes, and interleaving makes every provider see the same drift."""
+    speed drifts by tens of percent over minutes, and interleaving makes every provider see the same drift. Each
+    round runs the callables in a new order (fixed seed): a call finds in the caches what the call before it left
+    there, and one LARS step over 161 one-element tensors took 0.43-0.50 ms right after another LARS of ours but
+    0.75-0.86 ms right after torch's reference LARS (bench/NOTES.md, session 11); a fixed order gave every provider
+    the same, unequal, predecessor."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     times: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    shuffle = random.Random(0).shuffle
     for _ in range(reps):
-        for fn, ts in zip(fns, times):
+        shuffle(order)
+        for i in order:
             start = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - start) * 1e3)
+            fns[i]()
+            times[i].append((time.perf_counter() - start) * 1e3)
     return [_quantiles(ts) for ts in times]
 
 

@@ -144,10 +144,11 @@ def _lstm_cpu_auto() -> tuple[tuple[str, ...], str]:
                                         f"loops): {LSTM_CPU_FIGURES}")
 
 
-# bench/lstm.py, MNIST shape (T 28, I 28, H 128), C++ layer over nn.LSTM measured interleaved in one run (commit
-# 0f79f29, 2-core AVX-512 EPYC; "AVX2": the same machine with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2).
-LSTM_CPU_FIGURES = ("1.27x / 1.89x nn.LSTM fwd+bwd at B 128 / 1024 on an AVX-512 EPYC, 1.21x / 1.41x held to AVX2 "
-                    "(bench/results)")
+# bench/lstm.py, MNIST shape (T 28, I 28, H 128), C++ layer over nn.LSTM measured interleaved within each run (commit
+# caf496e, four runs; 2-core AVX-512 EPYC; "AVX2": the same machine with ONEDNN_MAX_CPU_ISA=AVX2
+# ATEN_CPU_CAPABILITY=avx2, three runs).
+LSTM_CPU_FIGURES = ("1.18-1.39x / 1.77-1.83x nn.LSTM fwd+bwd at B 128 / 1024 on an AVX-512 EPYC, 1.27-1.45x / "
+                    "1.39-1.53x held to AVX2 (bench/results)")
 
 
 _LSTM_CPU_ORDER, _LSTM_CPU_WHY = _lstm_cpu_auto()
@@ -155,8 +156,8 @@ _LSTM_CPU_ORDER, _LSTM_CPU_WHY = _lstm_cpu_auto()
 _LSTM_CPU_HALF = _lstm_cpu_auto_by_capability()
 # fp64 on every CPU: oneDNN has no fp64 LSTM, so torch runs its per-op reference cell there; the C++ layer measured
 # 2.05x nn.LSTM fwd+bwd at torch's sine-wave shape (T 100, B 97, I 1, H 51) on the AVX-512 EPYC (bench/lstm.py,
-# commit 15e4551; 2.33x at f6e8d69, 2.80x at 0f79f29).
-_LSTM_CPU_FP64 = ("cpp", "native", "torch"), "float64: no oneDNN LSTM; the C++ layer 2.05-2.80x nn.LSTM (B 97, H 51)"
+# commit 15e4551; 2.33x at f6e8d69, 2.80x at 0f79f29, 2.03x at caf496e).
+_LSTM_CPU_FP64 = ("cpp", "native", "torch"), "float64: no oneDNN LSTM; the C++ layer 2.03-2.80x nn.LSTM (B 97, H 51)"
 
 # Without gradients (evaluation, inference), fp32: with the sequence kernel built, the C++ layer's inference op (it
 # keeps no gates for a backward), else torch's kernel: the per-step path's forward always wrote the [T, B, 4H] gates
@@ -169,8 +170,8 @@ def _lstm_cpu_no_grad() -> tuple[tuple[str, ...], str]:
                                         "keeps the gates for a backward; 0.61-0.88x nn.LSTM at B 1024)")
 
 
-LSTM_CPU_NO_GRAD_FIGURES = ("1.05x / 1.80x nn.LSTM's no-grad forward at B 128 / 1024 on the AVX-512 EPYC, 1.28x / "
-                            "1.38x held to AVX2")
+LSTM_CPU_NO_GRAD_FIGURES = ("1.05-1.45x / 1.27-1.80x nn.LSTM's no-grad forward at B 128 / 1024 on the AVX-512 EPYC, "
+                            "1.09-1.41x / 1.24-1.48x held to AVX2")
 _LSTM_CPU_NO_GRAD = _lstm_cpu_no_grad()
 
 LSTM_BACKENDS: Registry = Registry("LSTM ", {

@@ -69,8 +69,9 @@ def _hooked_step(step):
     while a profiler runs (as torch's own datapipes do), or under torch.compile. Opening it costs 0.1 - 0.2 ms of
     dispatcher calls on a cold cache, a share of a CPU step's whole host time; torch skips the wrapping of a step
     marked ``hooked``. A subclass that overrides step() is wrapped by torch as usual, and its call of
-    ``super().step()`` runs no hook a second time (as in torch, unless a plain torch optimizer of the parent class was
-    made before: torch then wraps the parent's step too)."""
+    ``super().step()`` runs no hook a second time. (A subclass of a torch optimizer behaves so too, unless a plain
+    instance of its parent class has been made: torch has then wrapped the parent's step as well, and runs the hooks
+    twice.)"""
 
     @functools.wraps(step)
     def wrapper(*args, **kwargs):

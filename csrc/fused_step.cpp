@@ -279,9 +279,24 @@ void run_step(Step& s, const LarsConfig* lars, const float* norms_sq) {
   update_chunks<P>(s, 0, static_cast<int64_t>(s.chunks.size()));  // one pass over everything
 }
 
+// The value of a one-element CPU tensor, read in place: item() would be one more op to dispatch per call.
+double value_of(const at::Tensor& t) {
+  if (!t.is_cpu()) return t.item<double>();
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return *t.const_data_ptr<float>();
+    case at::kDouble:
+      return *t.const_data_ptr<double>();
+    case at::kLong:
+      return static_cast<double>(*t.const_data_ptr<int64_t>());
+    default:
+      return t.item<double>();
+  }
+}
+
 // Same reciprocal as GradScaler.unscale_ (double, then rounded to fp32).
 float inv_scale_of(const c10::optional<at::Tensor>& grad_scale) {
-  return grad_scale.has_value() ? static_cast<float>(1.0 / grad_scale->item<double>()) : 1.f;
+  return grad_scale.has_value() ? static_cast<float>(1.0 / value_of(*grad_scale)) : 1.f;
 }
 
 // The step's LR, rounded once to fp32 as torch rounds its alpha: the schedule's double value at `step`, else
@@ -291,9 +306,10 @@ float resolve_lr(const at::Tensor& step, const c10::optional<at::Tensor>& schedu
   if (schedule.has_value()) {
     const at::Tensor s = schedule->contiguous();
     check_packed_schedule_cpu(s, "fused_step_");
-    return static_cast<float>(legw_lr(static_cast<double>(step.item<int64_t>()), s.data_ptr<double>(), s.numel()));
+    return static_cast<float>(
+        legw_lr(static_cast<double>(*step.const_data_ptr<int64_t>()), s.data_ptr<double>(), s.numel()));
   }
-  return static_cast<float>(lr_tensor.has_value() ? lr_tensor->item<double>() : lr);
+  return static_cast<float>(lr_tensor.has_value() ? value_of(*lr_tensor) : lr);
 }
 
 }  // namespace
@@ -305,33 +321,40 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     double trust_coefficient, double eps, bool trust_clip, double max_trust_ratio,
                     const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
                     const c10::optional<at::Tensor>& norms_sq, const c10::optional<at::Tensor>& param_sq,
-                    bool param_sq_cached) {
+                    bool param_sq_cached, bool advance_step) {
   check_fused_step_args(params, grads, bufs, masters, step, schedule, momentum, lr_tensor, grad_scale, found_inf,
                         norms_sq, param_sq, param_sq_cached);
-  if (params.empty()) return;
-  float* cache = param_sq.has_value() ? param_sq->data_ptr<float>() : nullptr;
-  Step s{params, grads, bufs, masters, make_chunks(params)};
   // A GradScaler found inf/NaN gradients: the step is skipped and nothing changes. (Host reads are free on CPU.)
-  if (found_inf.has_value() && found_inf->item<double>() != 0.0) {
-    if (cache != nullptr && !param_sq_cached) {
+  if (found_inf.has_value() && value_of(*found_inf) != 0.0) {
+    if (param_sq.has_value() && !param_sq_cached && !params.empty()) {  // the cache describes the unchanged values
       dispatch_param_type(params[0].scalar_type(), [&](auto tag) {
-        refresh_param_sq<decltype(tag)>({params, grads, masters, nullptr, 1.f}, s.chunks, cache);
+        refresh_param_sq<decltype(tag)>({params, grads, masters, nullptr, 1.f}, make_chunks(params),
+                                        param_sq->data_ptr<float>());
       });
     }
     return;
   }
-  s.lr = resolve_lr(step, schedule, lr_tensor, lr);
-  s.inv_scale = inv_scale_of(grad_scale);
-  s.cfg = step_config(momentum, dampening, weight_decay, nesterov, maximize, first_step);
-  s.fused = torch_fuses();
-  s.param_sq = cache;
-  s.param_sq_cached = param_sq_cached;
-  s.ratio.assign(params.size(), 1.f);
-  const LarsConfig lars_cfg{static_cast<float>(trust_coefficient), static_cast<float>(weight_decay),
-                            static_cast<float>(eps), static_cast<float>(max_trust_ratio), trust_clip};
-  const float* given_norms = lars && norms_sq.has_value() ? norms_sq->data_ptr<float>() : nullptr;
-  dispatch_param_type(params[0].scalar_type(),
-                      [&](auto tag) { run_step<decltype(tag)>(s, lars ? &lars_cfg : nullptr, given_norms); });
+  if (!params.empty()) {
+    Step s{params, grads, bufs, masters, make_chunks(params)};
+    s.lr = resolve_lr(step, schedule, lr_tensor, lr);
+    s.inv_scale = inv_scale_of(grad_scale);
+    s.cfg = step_config(momentum, dampening, weight_decay, nesterov, maximize, first_step);
+    s.fused = torch_fuses();
+    s.param_sq = param_sq.has_value() ? param_sq->data_ptr<float>() : nullptr;
+    s.param_sq_cached = param_sq_cached;
+    s.ratio.assign(params.size(), 1.f);
+    const LarsConfig lars_cfg{static_cast<float>(trust_coefficient), static_cast<float>(weight_decay),
+                              static_cast<float>(eps), static_cast<float>(max_trust_ratio), trust_clip};
+    const float* given_norms = lars && norms_sq.has_value() ? norms_sq->data_ptr<float>() : nullptr;
+    dispatch_param_type(params[0].scalar_type(),
+                        [&](auto tag) { run_step<decltype(tag)>(s, lars ? &lars_cfg : nullptr, given_norms); });
+  }
+  // Counted after the update, which read the count for its LR: a plain write, where step.add_ would be one more op
+  // to dispatch (~0.1 ms on a cold cache).
+  if (advance_step) {
+    TORCH_CHECK(step.is_cpu(), "fused_step_: step is on ", step.device(), ", the CPU kernel advances it in place");
+    ++*step.data_ptr<int64_t>();
+  }
 }
 
 at::Tensor sum_squares_cpu(at::TensorList params, at::TensorList grads, at::TensorList masters,

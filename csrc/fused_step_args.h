@@ -16,6 +16,16 @@
 
 namespace legw_fused {
 
+// The C++ signature of legw_fused::fused_step_ and fused_step_triton_ (schemas: csrc/legw_fused.cpp): params,
+// grads, momentum_buffers, master_params, step, schedule, lr_tensor, lr, momentum, dampening, weight_decay,
+// nesterov, maximize, first_step, lars, trust_coefficient, eps, trust_clip, max_trust_ratio, grad_scale,
+// found_inf, norms_sq, param_sq, param_sq_cached, advance_step.
+using FusedStepFn = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, const at::Tensor&,
+                         const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double, double, double,
+                         double, bool, bool, bool, bool, double, double, bool, double, const c10::optional<at::Tensor>&,
+                         const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                         const c10::optional<at::Tensor>&, bool, bool);
+
 // LARS norm caches: sums of squares per chunk of kParamSqChunk consecutive elements of one tensor, tensors in call
 // order, empty tensors owning no chunk. The CPU and CUDA kernels both work in chunks of this size.
 constexpr int64_t kParamSqChunk = 1 << 16;

@@ -8,13 +8,16 @@
 
 #include <string>
 
+#include "fused_step_args.h"
 #include "lstm.h"
+#include "step_python.h"
 
 extern "C" {
-// Importing legw_fused._C loads this shared library, which registers the ops below with the dispatcher.
-// No pybind11: it would only add compile time.
+// Importing legw_fused._C loads this shared library, which registers the ops below with the dispatcher; its Python
+// functions do the optimizer step's per-tensor host work (csrc/step_python.cpp). No pybind11: it would only add
+// compile time.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, legw_fused::python_methods()};
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
 #ifdef LEGW_FUSED_WITH_CUDA
@@ -34,8 +37,10 @@ TORCH_LIBRARY(legw_fused, m) {
   m.def("legw_lr(Tensor step, Tensor schedule) -> Tensor");
 
   // One SGD/LARS step over lists of same-device, same-dtype tensors (the math: legw_fused/ops/fused_step_reference.py).
-  // LR: schedule(step) when `schedule` (LEGW.packed) is given, else lr_tensor, else lr. `step` is only read:
-  // the optimizer advances it after all of a step's calls. With found_inf != 0 nothing is written; grads are
+  // LR: schedule(step) when `schedule` (LEGW.packed) is given, else lr_tensor, else lr. With advance_step the call
+  // then adds 1 to `step` (not when found_inf skips it): the optimizer's last call on a device advances the count
+  // that its other calls only read (on a CPU a separate add_ costs a cold step ~0.1 ms). With found_inf != 0 nothing
+  // is written; grads are
   // multiplied by 1/grad_scale as they are read and never written (and negated with maximize). master_params
   // (fp32, optional) are the values updated for bf16/fp16 params, which then receive their rounding.
   // LARS: the trust ratio is clamped to at most max_trust_ratio (+inf: no clamp), then clipped by trust_clip.
@@ -50,10 +55,10 @@ TORCH_LIBRARY(legw_fused, m) {
   for (const char* name : {"fused_step_", "fused_step_triton_"}) {
     m.def((std::string(name) +
            "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, "
-           "Tensor step, Tensor? schedule, Tensor? lr_tensor, float lr, float momentum, float dampening, "
+           "Tensor(e!) step, Tensor? schedule, Tensor? lr_tensor, float lr, float momentum, float dampening, "
            "float weight_decay, bool nesterov, bool maximize, bool first_step, bool lars, float trust_coefficient, "
            "float eps, bool trust_clip, float max_trust_ratio, Tensor? grad_scale, Tensor? found_inf, "
-           "Tensor? norms_sq, Tensor(d!)? param_sq, bool param_sq_cached) -> ()")
+           "Tensor? norms_sq, Tensor(d!)? param_sq, bool param_sq_cached, bool advance_step=False) -> ()")
               .c_str());
   }
 
@@ -84,37 +89,47 @@ TORCH_LIBRARY(legw_fused, m) {
       "bool reverse) -> (Tensor, Tensor, Tensor)");
 }
 
-// fused_step_ writes its params, buffers, masters and |p|^2 chunk sums in place, so like any in-place op it must bump
-// their version counters: autograd then refuses a backward through a graph that saved the old values (instead of
-// silently using the new ones), and the optimizer's |p|^2 cache sees the writes. Custom ops get no such kernel by
-// default, and torch's boxed fallback (autogradNotImplementedInplaceOrViewFallback) bumps only written tensors that
-// are also returned: this op returns nothing. So: run the kernel, then bump every argument the schema marks as
-// written (Tensor(a!), Tensor(a!)[] and Tensor(a!)?); a kernel that raises has changed nothing and bumps nothing.
+// fused_step_ writes its params, buffers, masters, |p|^2 chunk sums and step count in place, so like any in-place
+// op it must bump their version counters: autograd then refuses a backward through a graph that saved the old values
+// (instead of silently using the new ones), and the optimizer's |p|^2 cache sees the writes. Custom ops get no such
+// kernel by default, and torch's boxed fallback (autogradNotImplementedInplaceOrViewFallback) bumps only written
+// tensors that are also returned: this op returns nothing. So: run the kernel, then bump every argument the schema
+// marks as written (Tensor(a!)[] params, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, Tensor(d!)?
+// param_sq, Tensor(e!) step); a kernel that raises has changed nothing and bumps nothing. Typed, not boxed: the
+// lists reach the device kernel by reference instead of being copied into a stack and out of it again (each copy
+// of a tensor that has a Python object touches its reference counts).
 namespace {
-void bump_written_after(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  const auto& args = op.schema().arguments();
-  const size_t start = stack->size() - args.size();
-  std::vector<at::Tensor> written;
-  for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i].alias_info() == nullptr || !args[i].alias_info()->isWrite()) continue;
-    const c10::IValue& v = (*stack)[start + i];
-    if (v.isTensor()) {
-      written.push_back(v.toTensor());
-    } else if (v.isTensorList()) {
-      for (const at::Tensor& t : v.toTensorVector()) written.push_back(t);
-    }
-  }
+template <const char* kOp>
+void fused_step_inplace(c10::DispatchKeySet keys, at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                        at::TensorList masters, const at::Tensor& step, const c10::optional<at::Tensor>& schedule,
+                        const c10::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
+                        double weight_decay, bool nesterov, bool maximize, bool first_step, bool lars,
+                        double trust_coefficient, double eps, bool trust_clip, double max_trust_ratio,
+                        const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+                        const c10::optional<at::Tensor>& norms_sq, const c10::optional<at::Tensor>& param_sq,
+                        bool param_sq_cached, bool advance_step) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(kOp, "").typed<legw_fused::FusedStepFn>();
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, bufs, masters, step, schedule, lr_tensor, lr,
+                  momentum, dampening, weight_decay, nesterov, maximize, first_step, lars, trust_coefficient, eps,
+                  trust_clip, max_trust_ratio, grad_scale, found_inf, norms_sq, param_sq, param_sq_cached,
+                  advance_step);
   }
-  for (const at::Tensor& t : written) {
-    if (t.defined()) torch::autograd::impl::bump_version(t);
+  for (const at::TensorList list : {params, bufs, masters}) {
+    for (const at::Tensor& t : list) {
+      if (t.defined()) torch::autograd::impl::bump_version(t);
+    }
   }
+  if (param_sq.has_value()) torch::autograd::impl::bump_version(*param_sq);
+  torch::autograd::impl::bump_version(step);
 }
+
+constexpr char kFusedStep[] = "legw_fused::fused_step_";
+constexpr char kFusedStepTriton[] = "legw_fused::fused_step_triton_";
 }  // namespace
 
 TORCH_LIBRARY_IMPL(legw_fused, ADInplaceOrView, m) {
-  m.impl("fused_step_", torch::CppFunction::makeFromBoxedFunction<&bump_written_after>());
-  m.impl("fused_step_triton_", torch::CppFunction::makeFromBoxedFunction<&bump_written_after>());
+  m.impl("fused_step_", TORCH_FN(fused_step_inplace<kFusedStep>));
+  m.impl("fused_step_triton_", TORCH_FN(fused_step_inplace<kFusedStepTriton>));
 }

@@ -397,13 +397,13 @@ def _check_lists(params, grads, master_params, op):
 
 def fused_step_(params, grads, momentum_buffers, master_params, step, schedule, lr_tensor, lr, momentum, dampening,
                 weight_decay, nesterov, maximize, first_step, lars, trust_coefficient, eps, trust_clip,
-                max_trust_ratio, grad_scale, found_inf, norms_sq=None, param_sq=None, param_sq_cached=False, *,
-                chunk: int = PARAM_SQ_CHUNK,
-                block: int = BLOCK) -> None:
+                max_trust_ratio, grad_scale, found_inf, norms_sq=None, param_sq=None, param_sq_cached=False,
+                advance_step=False, *, chunk: int = PARAM_SQ_CHUNK, block: int = BLOCK) -> None:
     """The triton implementation of legw_fused::fused_step_ (same arguments and semantics, csrc/legw_fused.cpp;
     its |p|^2 cache has one entry per ``chunk`` elements)."""
     n = len(params)
     if n == 0:
+        _advance(step, found_inf, advance_step)
         return
     if len(grads) != n or len(momentum_buffers) not in (0, n) or len(master_params) not in (0, n):
         raise ValueError(f"fused_step_ (triton): list lengths differ: {n} params, {len(grads)} grads, "
@@ -435,6 +435,13 @@ def fused_step_(params, grads, momentum_buffers, master_params, step, schedule, 
                 weight_decay, nesterov, maximize, first_step, lars, trust_coefficient, eps, trust_clip,
                 max_trust_ratio, grad_scale, found_inf, master, dtype, chunk, block, norms_sq, param_sq,
                 param_sq_cached)
+    _advance(step, found_inf, advance_step)
+
+
+def _advance(step, found_inf, advance_step) -> None:
+    """fused_step_'s advance_step, after the launches that read the count, on their stream (no host sync)."""
+    if advance_step:
+        step.add_(1 if found_inf is None else (found_inf == 0).to(torch.int64))
 
 
 def sum_squares(params, grads, master_params, param_sq, grad_scale, *, chunk: int = PARAM_SQ_CHUNK,

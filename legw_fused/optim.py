@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from . import ops
 from .backends import STEP_BACKENDS, StepBackend, check_backend_name, select
 from .distributed import all_reduce_sum_, any_dtensor, is_dtensor, local_tensor, sharded_norm_group, wrap_like
 from .schedule import LEGW
@@ -50,6 +51,7 @@ class _Bucket:
     norm_groups: list | None  # LARS on sharded params: per param, the process group its norm is summed over
     is_complex: bool = False  # complex params: the backends update their real views (torch.view_as_real)
     torch_sgd: bool = False  # served by torch.optim's functional SGD (sparse grads, differentiable=True)
+    grads_contiguous: bool = False  # known to be: the local grads need no contiguity pass for the fused kernels
     # Set by _prepare:
     states: list[dict] = field(default_factory=list)
     local_params: list[Tensor] = field(default_factory=list)
@@ -348,49 +350,66 @@ class _MomentumOptimizer(Optimizer):
         for bucket in buckets:
             self._prepare(bucket, grad_scale, found_inf, use_cache)
         self._all_reduce_norms([b for b in buckets if any(g is not None for g in b.norm_groups or ())])
+        # The last backend call on each device advances its step count, after every call has read it (a separate
+        # add_ costs a CPU step ~0.1 ms on a cold cache); a step skipped for inf/NaN gradients does not advance it.
+        last = {b.kwargs["step"].device: b for b in buckets}
         for bucket in buckets:
-            self._update(bucket)
+            self._update(bucket, advance_step=last[bucket.kwargs["step"].device] is bucket)
         for device, counter in self._step_counters.items():
-            # A step skipped for inf/NaN gradients does not advance the schedule.
-            counter.add_(1 if found_inf is None else (_on(found_inf, device) == 0).to(torch.int64))
+            if device not in last:  # no parameter with a gradient there this time: counted all the same
+                counter.add_(1 if found_inf is None else (_on(found_inf, device) == 0).to(torch.int64))
         return loss
 
     def _buckets(self) -> list[_Bucket]:
         """Every check of a step, before anything changes: the params with grads of each group, bucketed by
-        (device, dtype) with the backend that will run them. Runs per parameter on every step: it touches each
-        tensor's attributes once."""
+        (device, dtype) with the backend that will run them. Runs per parameter on every step: plain tensors in one
+        C++ pass (legw_fused._C.group_params), others (DTensor, sparse grads, under torch.compile) in Python."""
         buckets = []
         for index, group in enumerate(self.param_groups):
             hp = self._checked_hyperparameters(group, index)
             self._check_legw_kept(group, index)
-            params_all = group["params"]
-            grads_all = [p.grad for p in params_all]
-            if any(g is None for g in grads_all):
-                kept = [i for i, g in enumerate(grads_all) if g is not None]
-                params_all, grads_all = [params_all[i] for i in kept], [grads_all[i] for i in kept]
-            sparse = any(g.is_sparse for g in grads_all)
-            if sparse and hp["lars"]:
-                p = next(p for p, g in zip(params_all, grads_all) if g.is_sparse)
-                raise RuntimeError(f"{type(self).__name__} (param group {index}): sparse gradients are not "
-                                   f"supported by LARS (parameter of shape {tuple(p.shape)}); give the group "
-                                   f"lars=False to take the plain SGD step")
-            # Grouped in C++ (reading p.device in Python costs ~0.3 us per parameter), in the order of their first
-            # parameter: ranks must all-reduce sharded buckets' norms in one order.
-            grouped = torch._C._group_tensors_by_device_and_dtype([params_all], True) if params_all else {}
-            for (device, dtype), ((params,), indices) in sorted(grouped.items(), key=lambda kv: kv[1][1][0]):
-                contiguous = all(p.is_contiguous() for p in params)
+            grouped = None if _group_params is None or torch.compiler.is_compiling() else \
+                _group_params(group["params"])
+            plain = grouped is not None
+            if not plain:
+                grouped = self._group_params(group, index, hp)
+            for device, dtype, params, grads, contiguous, grads_contiguous in grouped:
+                sparse = not plain and any(g.is_sparse for g in grads)
                 # DTensor (FSDP2) buckets run on local shards; plain ones skip that per-tensor plumbing.
-                sharded = any_dtensor(params)
+                sharded = not plain and any_dtensor(params)
                 # LARS: over which process group each param's local sums of squares add up (None: local is whole);
                 # raises for placements it cannot handle, before anything changes.
                 norm_groups = [sharded_norm_group(p) for p in params] if hp["lars"] and sharded else None
-                grads = grads_all if len(indices) == len(grads_all) else [grads_all[i] for i in indices]
-                backend = self._backend_for(group, device, _real_dtype(dtype), contiguous,
-                                            sparse and any(g.is_sparse for g in grads))
+                backend = self._backend_for(group, device, _real_dtype(dtype), contiguous, sparse)
                 torch_sgd = backend.name == "torch" and (group.get("differentiable", False) or sparse)
                 buckets.append(_Bucket(group, backend, hp, params, grads, sharded, norm_groups, dtype.is_complex,
-                                       torch_sgd))
+                                       torch_sgd, grads_contiguous and not sharded))
         return buckets
+
+    def _group_params(self, group: dict, index: int, hp: dict) -> list[tuple]:
+        """_C.group_params in Python, for any tensors: [(device, dtype, params, grads, contiguous,
+        grads_contiguous)], the params with a grad bucketed by (device, dtype) in the order of each bucket's first
+        param, and whether all of its params, and all of its grads, are contiguous. Raises for sparse grads under
+        LARS."""
+        params_all = group["params"]
+        grads_all = [p.grad for p in params_all]
+        if any(g is None for g in grads_all):
+            kept = [i for i, g in enumerate(grads_all) if g is not None]
+            params_all, grads_all = [params_all[i] for i in kept], [grads_all[i] for i in kept]
+        if hp["lars"] and any(g.is_sparse for g in grads_all):
+            p = next(p for p, g in zip(params_all, grads_all) if g.is_sparse)
+            raise RuntimeError(f"{type(self).__name__} (param group {index}): sparse gradients are not "
+                               f"supported by LARS (parameter of shape {tuple(p.shape)}); give the group "
+                               f"lars=False to take the plain SGD step")
+        # Grouped in C++ (reading p.device in Python costs ~0.3 us per parameter), in the order of their first
+        # parameter: ranks must all-reduce sharded buckets' norms in one order.
+        grouped = torch._C._group_tensors_by_device_and_dtype([params_all], True) if params_all else {}
+        out = []
+        for (device, dtype), ((params,), indices) in sorted(grouped.items(), key=lambda kv: kv[1][1][0]):
+            grads = grads_all if len(indices) == len(grads_all) else [grads_all[i] for i in indices]
+            out.append((device, dtype, params, grads, all(p.is_contiguous() for p in params),
+                        all(g.layout == torch.strided and g.is_contiguous() for g in grads)))
+        return out
 
     def _prepare(self, b: _Bucket, grad_scale: Tensor | None, found_inf: Tensor | None, use_cache: bool) -> None:
         """A bucket's share of the step's state: step counter, local shards, fp32 masters, |p|^2 cache."""
@@ -409,6 +428,8 @@ class _MomentumOptimizer(Optimizer):
         elif b.is_complex:
             b.local_params = [torch.view_as_real(p) for p in b.local_params]
             b.local_grads = [torch.view_as_real(g) for g in b.local_grads]
+        if b.backend.contiguous_only and not b.grads_contiguous:  # the fused kernels read grads as flat arrays
+            b.local_grads = [g if g.is_contiguous() else g.contiguous() for g in b.local_grads]
         if b.params[0].dtype in _LOW_PRECISION:
             self._prepare_masters(b)
         chunk = b.backend.param_sq_chunk
@@ -438,15 +459,17 @@ class _MomentumOptimizer(Optimizer):
             if buf is not None and buf.dtype != p.dtype:
                 state["momentum_buffer"] = buf.to(p.dtype)
 
-    def _update(self, b: _Bucket) -> None:
-        """One backend call updates the bucket; new momentum buffers and the cache's versions are recorded."""
+    def _update(self, b: _Bucket, advance_step: bool) -> None:
+        """One backend call updates the bucket (and advances the step count with ``advance_step``); new momentum
+        buffers and the cache's versions are recorded."""
         current = [state.get("momentum_buffer") for state in b.states]
         if b.sharded:
             current = [local_tensor(x) for x in current]
         if b.is_complex and not b.torch_sgd:
             current = [None if x is None else torch.view_as_real(x) for x in current]
         bufs = b.backend.step_(b.local_params, b.local_grads, current, masters=b.masters, norms_sq=b.norms_sq,
-                               param_sq=b.param_sq, param_sq_cached=b.param_sq_cached, **b.kwargs)
+                               param_sq=b.param_sq, param_sq_cached=b.param_sq_cached, advance_step=advance_step,
+                               **b.kwargs)
         if bufs is not current:  # new buffers were made (a backend returns the list it was given otherwise)
             for p, state, buf in zip(b.params, b.states, bufs):
                 if buf is not None and state.get("momentum_buffer") is None:
@@ -455,7 +478,7 @@ class _MomentumOptimizer(Optimizer):
                     state["momentum_buffer"] = wrap_like(buf, p) if is_dtensor(p) else buf
         if b.param_sq is not None:
             entry = self._param_sq_cache[b.cache_key]
-            entry["versions"] = list(map(_version, entry["tensors"]))  # written by this update: the cache holds
+            entry["versions"] = _versions(entry["tensors"])[0]  # written by this update: the cache holds
         if b.masters is not None:
             self._master_versions.update((id(p), lp._version) for p, lp in zip(b.params, b.local_params))
 
@@ -469,11 +492,11 @@ class _MomentumOptimizer(Optimizer):
         entry = self._param_sq_cache.get(key)
         targets = masters or local_params
         valid = entry is not None and entry["versions"] is not None and len(entry["tensors"]) == len(targets) and \
-            all(map(operator.is_, entry["tensors"], targets)) and list(map(_version, targets)) == entry["versions"] \
-            and list(map(Tensor.data_ptr, targets)) == entry["ptrs"]
+            all(map(operator.is_, entry["tensors"], targets)) and _versions(targets, True) == (entry["versions"],
+                                                                                              entry["ptrs"])
         if not valid:
             n_chunks = sum(-(-t.numel() // chunk) for t in targets)
-            entry = {"tensors": list(targets), "versions": None, "ptrs": list(map(Tensor.data_ptr, targets)),
+            entry = {"tensors": list(targets), "versions": None, "ptrs": _versions(targets, True)[1],
                      "param_sq": torch.zeros(n_chunks, dtype=torch.float32, device=targets[0].device)}
             self._param_sq_cache[key] = entry
         return entry["param_sq"], valid
@@ -669,8 +692,21 @@ def _group_values(group: dict) -> dict:
     return {k: v for k, v in group.items() if k != "params"}
 
 
-# The |p|^2 cache's per-tensor reads, mapped in C (it is never used under torch.compile, which cannot trace these).
+# The step's per-parameter bucketing in C++ (csrc/step_python.cpp); None without the extension.
+_group_params = getattr(ops._C, "group_params", None)
+
+# The |p|^2 cache's per-tensor reads (it is never used under torch.compile, which cannot trace these): in one C++
+# pass for plain tensors (csrc/step_python.cpp), else mapped over the getters.
+_tensor_versions = getattr(ops._C, "tensor_versions", None)
 _version = operator.attrgetter("_version")
+
+
+def _versions(tensors: list[Tensor], data_ptrs: bool = False) -> tuple[list[int], list[int] | None]:
+    """The version counters of ``tensors`` (and their data pointers, with ``data_ptrs``)."""
+    got = None if _tensor_versions is None else _tensor_versions(tensors, data_ptrs)
+    if got is None:
+        got = list(map(_version, tensors)), list(map(Tensor.data_ptr, tensors)) if data_ptrs else None
+    return got
 
 
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:

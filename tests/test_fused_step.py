@@ -129,9 +129,9 @@ def _op_args(n=3, dtype=torch.float32):
     bufs = [torch.randn(p.shape, generator=g).to(dtype) for p in params]
     sched = LEGW(0.5, 32, 256, 0.125, 4, 3)
     # The schema's order (csrc/legw_fused.cpp): ..., nesterov, maximize, first_step, lars, trust_coefficient, eps,
-    # trust_clip, max_trust_ratio, grad_scale, found_inf, norms_sq, param_sq, param_sq_cached.
+    # trust_clip, max_trust_ratio, grad_scale, found_inf, norms_sq, param_sq, param_sq_cached, advance_step.
     return (params, grads, bufs, [], torch.tensor(5), sched.packed("cpu"), None, 0.0, 0.9, 0.0, 1e-4, False, False,
-            False, True, 0.02, 1e-8, True, float("inf"), None, None, None, None, False)
+            False, True, 0.02, 1e-8, True, float("inf"), None, None, None, None, False, False)
 
 
 # Position of each argument of fused_step_, by name, from its schema.
@@ -194,6 +194,80 @@ def test_op_rejects_inconsistent_arguments():
     bad[4] = torch.tensor(5.0)
     with pytest.raises(RuntimeError, match="step must be a one-element int64"):
         op(*bad)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+def test_advance_step_counts_once_after_the_update_and_never_a_skipped_step(backend):
+    """advance_step: the call reads the step count for its LR, then adds one, also when it makes two op calls (some
+    buffers new, some not) and when it has no tensor; a GradScaler-skipped call adds none; without it the count
+    is only read. Oracle: the same call without advance_step on the same inputs, and the count by hand."""
+    require_backend(backend)
+    b = legw_fused.backends.STEP_BACKENDS[backend]
+    sched = LEGW(0.5, 32, 256, 0.125, 4, 3)
+
+    def call(advance, found_inf=None, sizes=((7,), (65537,)), old_buffer=False):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen) for s in sizes]
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        bufs = [None] * len(params)
+        if old_buffer:
+            bufs[-1] = torch.randn(params[-1].shape, generator=gen)
+        step = torch.tensor(3)
+        kw = {} if found_inf is None else dict(found_inf=found_inf)  # the reference is only called for finite steps
+        bufs = b.step_(params, grads, bufs, lr=sched, step=step, momentum=0.9, dampening=0.0, weight_decay=1e-4,
+                       nesterov=False, advance_step=advance, **kw)
+        return params + bufs, step
+
+    for old_buffer in (False, True):
+        kept, counted = call(False, old_buffer=old_buffer), call(True, old_buffer=old_buffer)
+        assert (int(kept[1]), int(counted[1])) == (3, 4)
+        for x, y in zip(kept[0], counted[0]):  # the update used the LR of step 3 either way
+            assert torch.equal(x, y)
+    assert int(call(True, sizes=())[1]) == 4
+    if backend != "torch":
+        before, _ = call(False, found_inf=torch.ones(()))
+        skipped, step = call(True, found_inf=torch.ones(()))
+        assert int(step) == 3
+        for x, y in zip(before, skipped):
+            assert torch.equal(x, y)
+        assert int(call(True, found_inf=torch.zeros(()))[1]) == 4
+
+
+@pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
+def test_unboxed_entry_is_the_op_and_declines_what_torch_ops_would_convert():
+    """_C.fused_step_unboxed (the optimizer's way in) against torch.ops.legw_fused.fused_step_: the same writes and
+    version bumps, the same errors; NotImplemented, changing nothing, for whatever it does not take as it is."""
+    unboxed, op = ops._C.fused_step_unboxed, torch.ops.legw_fused.fused_step_
+    for advance in (False, True):
+        theirs, ours = list(_op_args()), list(_op_args())
+        theirs[ARG["advance_step"]] = ours[ARG["advance_step"]] = advance
+        op(*theirs)
+        assert unboxed(*ours) is None
+        for name in ("params", "momentum_buffers", "step"):
+            t, o = theirs[ARG[name]], ours[ARG[name]]
+            for x, y in zip(*((t, o) if isinstance(t, list) else ([t], [o]))):
+                assert torch.equal(x, y) and x._version == y._version > 0
+
+    class Sub(torch.Tensor):
+        pass
+
+    args = list(_op_args())
+    before = [p.clone() for p in args[0]]
+    declined = {"24 arguments": args[:-1], "a bool as a float": args[:7] + [True] + args[8:],
+                "an int as a bool": args[:11] + [1] + args[12:],
+                "a tensor subclass": [[args[0][0].as_subclass(Sub)] + args[0][1:]] + args[1:],
+                "a tuple for a list": [tuple(args[0])] + args[1:]}
+    for what, bad in declined.items():
+        assert unboxed(*bad) is NotImplemented, what
+        assert all(torch.equal(p, q) for p, q in zip(args[0], before)), what
+    bad = list(args)
+    bad[1] = args[1][:2]
+    errors = []
+    for entry in (op, unboxed):
+        with pytest.raises(RuntimeError, match="3 params but 2 grads") as info:
+            entry(*bad)
+        errors.append(str(info.value).splitlines()[0])
+    assert errors[0] == errors[1]
 
 
 def test_auto_uses_a_fused_backend_on_cpu_and_the_reference_for_what_it_cannot():

@@ -639,6 +639,51 @@ def test_every_step_call_counts_even_without_gradients(backend):
     assert int(opt.state[a[0]]["step"]) == 2
 
 
+@pytest.mark.skipif(legw_fused.ops.EXTENSION_ERROR is not None, reason=str(legw_fused.ops.EXTENSION_ERROR))
+def test_params_are_bucketed_in_cpp_as_by_the_python_passes():
+    """step()'s bucketing of plain tensors in one C++ pass (_C.group_params) against its Python passes, the oracle
+    (_group_params, which torch.compile, DTensors and sparse grads take): the same buckets, in the same order, of
+    the same tensor objects; None, so that the Python passes run, for anything but plain tensors."""
+    gen = torch.Generator().manual_seed(0)
+    shapes_dtypes = [((3, 4), torch.float32), ((5,), torch.float64), ((4, 3), torch.float32), ((2,), torch.bfloat16),
+                     ((3,), torch.complex64), ((6,), torch.float32), ((1,), torch.float64), ((2, 2), torch.float32)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(d)) for s, d in shapes_dtypes]
+    params[2] = torch.nn.Parameter(torch.randn(3, 4, generator=gen).t())  # not contiguous
+    params[7] = torch.randn(2, 2, generator=gen, requires_grad=True)  # a plain tensor, not a Parameter
+    for i, p in enumerate(params):
+        if i != 5:  # one without a gradient
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+    params[7].grad = torch.randn(2, 2, generator=gen).t()  # a non-contiguous grad
+    opt = SGD(params, lr=0.1, backend="torch")
+    group = opt.param_groups[0]
+    fast = legw_fused.ops._C.group_params(group["params"])
+    slow = opt._group_params(group, 0, opt._checked_hyperparameters(group, 0))
+    assert [(f[0], f[1], f[4], f[5]) for f in fast] == [(s[0], s[1], s[4], s[5]) for s in slow] == [
+        (torch.device("cpu"), torch.float32, False, False), (torch.device("cpu"), torch.float64, True, True),
+        (torch.device("cpu"), torch.bfloat16, True, True), (torch.device("cpu"), torch.complex64, True, True)]
+    for f, s in zip(fast, slow):
+        for fast_list, slow_list in ((f[2], s[2]), (f[3], s[3])):
+            assert len(fast_list) == len(slow_list) and all(map(lambda x, y: x is y, fast_list, slow_list))
+    assert legw_fused.ops._C.group_params([]) == []
+
+    class Sub(torch.Tensor):
+        pass
+
+    sparse = torch.nn.Parameter(torch.randn(4, 2))
+    sparse.grad = torch.randn(4, 2).to_sparse()
+    sub = torch.randn(3).as_subclass(Sub)
+    sub.grad = torch.randn(3)
+    for other in (sparse, sub):
+        assert legw_fused.ops._C.group_params(params + [other]) is None
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert legw_fused.ops._C.group_params(params) is None
+
+
 def test_trust_clip_at_zero_lr_leaves_params_finite(backend):
     a = make_params()
     before = [p.detach().clone() for p in a]

@@ -380,6 +380,17 @@ void reduce_norms(at::TensorList params, at::TensorList grads, at::TensorList ma
   }
 }
 
+// fused_step_'s advance_step, after the kernels that read the count, on their stream: +1, or + (found_inf == 0)
+// where a GradScaler's verdict is on the device.
+void advance_step_count(const at::Tensor& step, const c10::optional<at::Tensor>& found_inf, bool advance_step) {
+  if (!advance_step) return;
+  if (found_inf.has_value()) {
+    step.add_(found_inf->eq(0));
+  } else {
+    step.add_(1);
+  }
+}
+
 }  // namespace
 
 void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList masters,
@@ -389,10 +400,13 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      double trust_coefficient, double eps, bool trust_clip, double max_trust_ratio,
                      const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
                      const c10::optional<at::Tensor>& norms_sq, const c10::optional<at::Tensor>& param_sq,
-                     bool param_sq_cached) {
+                     bool param_sq_cached, bool advance_step) {
   check_fused_step_args(params, grads, bufs, masters, step, schedule, momentum, lr_tensor, grad_scale, found_inf,
                         norms_sq, param_sq, param_sq_cached);
-  if (params.empty()) return;
+  if (params.empty()) {
+    advance_step_count(step, found_inf, advance_step);
+    return;
+  }
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto as_float = [](const c10::optional<at::Tensor>& t) {
@@ -437,6 +451,7 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
         },
         momentum != 0.0, !masters.empty());
   });
+  advance_step_count(step, found_inf, advance_step);  // after the kernels that read it, on the same stream
 }
 
 at::Tensor sum_squares_cuda(at::TensorList params, at::TensorList grads, at::TensorList masters,

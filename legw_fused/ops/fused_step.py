@@ -31,6 +31,10 @@ TRITON_PARAM_SQ_CHUNK = 16384 if _TRITON_INTERPRET else 65536
 TRITON_DEVICES = ("CUDA", "CPU") if _TRITON_INTERPRET else ("CUDA",)
 
 
+# fused_step_'s way in from Python without torch.ops' boxing (csrc/step_python.cpp); absent from older builds.
+_UNBOXED = getattr(_C, "fused_step_unboxed", None)
+
+
 def _require_extension() -> None:
     if _C is None:
         raise RuntimeError(EXTENSION_ERROR)
@@ -46,9 +50,13 @@ def legw_lr(step: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
 
 
 def fused_step_(*args) -> None:
-    """legw_fused::fused_step_ (C++ CPU / CUDA kernels); arguments as in its schema (csrc/legw_fused.cpp)."""
+    """legw_fused::fused_step_ (C++ CPU / CUDA kernels); arguments as in its schema (csrc/legw_fused.cpp).
+
+    Eager calls with plain tensors enter through ``_C.fused_step_unboxed``: the same op and dispatch, without
+    torch.ops' boxing of every tensor; anything else, and torch.compile's tracing, through torch.ops."""
     _require_extension()
-    torch.ops.legw_fused.fused_step_(*args)
+    if _UNBOXED is None or torch.compiler.is_compiling() or _UNBOXED(*args) is NotImplemented:
+        torch.ops.legw_fused.fused_step_(*args)
 
 
 def sum_squares(params, grads, master_params, param_sq, grad_scale) -> torch.Tensor:
@@ -109,8 +117,10 @@ if _C is not None:
 
 def step_(op, params, grads, bufs, *, lr, step, momentum, dampening, weight_decay, nesterov, maximize=False,
           lars=False, trust_coefficient=0.0, eps=0.0, trust_clip=False, max_trust_ratio=None, grad_scale=None,
-          found_inf=None, masters=None, norms_sq=None, param_sq=None, param_sq_cached=False, param_sq_chunk=None):
-    """fused_step_reference.step_'s calling convention on top of a fused_step_ op ``op`` (C++/CUDA or Triton).
+          found_inf=None, masters=None, norms_sq=None, param_sq=None, param_sq_cached=False, param_sq_chunk=None,
+          advance_step=False):
+    """fused_step_reference.step_'s calling convention on top of a fused_step_ op ``op`` (C++/CUDA or Triton), for
+    contiguous tensors (the op raises otherwise; the optimizer makes non-contiguous grads contiguous).
 
     New momentum buffers are allocated here and filled by the kernel (buf = d). Under a GradScaler the step may be
     skipped on the device, so a new buffer must also be right if it is never written: zeros are, when dampening is
@@ -119,9 +129,9 @@ def step_(op, params, grads, bufs, *, lr, step, momentum, dampening, weight_deca
     ``norms_sq`` ([2, N]: sums of squares of p and of the unscaled g, e.g. all-reduced over ranks) replaces the
     kernels' own norm pass. ``param_sq`` (one float32 per ``param_sq_chunk`` elements of each tensor, the |p|^2
     cache) receives the chunk sums of squares of the stored params; with ``param_sq_cached`` it already holds them
-    for the current params and the norm pass reads only the grads.
+    for the current params and the norm pass reads only the grads. ``advance_step``: the last call of the op then
+    advances ``step`` (not when found_inf skips the step).
     """
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     schedule = lr.packed(step.device) if isinstance(lr, LEGW) else None
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     lr_value = float(lr) if schedule is None and lr_tensor is None else 0.0
@@ -130,10 +140,10 @@ def step_(op, params, grads, bufs, *, lr, step, momentum, dampening, weight_deca
     masters = masters or []
     max_ratio = float("inf") if max_trust_ratio is None else float(max_trust_ratio)
 
-    def launch(ps, gs, bs, first_step, ms=masters, norms=norms_sq, sq=param_sq):
+    def launch(ps, gs, bs, first_step, ms=masters, norms=norms_sq, sq=param_sq, advance=advance_step):
         op(ps, gs, bs, ms, step, schedule, lr_tensor, lr_value, float(momentum), float(dampening),
            float(weight_decay), nesterov, maximize, first_step, lars, float(trust_coefficient), float(eps),
-           trust_clip, max_ratio, grad_scale, found_inf, norms, sq, param_sq_cached and sq is not None)
+           trust_clip, max_ratio, grad_scale, found_inf, norms, sq, param_sq_cached and sq is not None, advance)
 
     if momentum == 0:
         launch(params, grads, [], False)
@@ -157,7 +167,7 @@ def step_(op, params, grads, bufs, *, lr, step, momentum, dampening, weight_deca
         chunk_idx = None if param_sq is None else _chunk_index(params, idx, param_sq_chunk, param_sq.device)
         sub_sq = None if chunk_idx is None else param_sq[chunk_idx]
         launch([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx], first,
-               [masters[i] for i in idx] if masters else [], sub_norms, sub_sq)
+               [masters[i] for i in idx] if masters else [], sub_norms, sub_sq, advance_step and idx is old)
         if chunk_idx is not None:
             param_sq[chunk_idx] = sub_sq
     return bufs

@@ -111,10 +111,12 @@ def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], 
           lars: bool = False, trust_coefficient: float = 0.0, eps: float = 0.0, trust_clip: bool = False,
           max_trust_ratio: float | None = None, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
           masters: list[Tensor] | None = None, norms_sq: Tensor | None = None, param_sq: Tensor | None = None,
-          param_sq_cached: bool = False, torch_sgd: bool = False, differentiable: bool = False) -> list[Tensor | None]:
+          param_sq_cached: bool = False, torch_sgd: bool = False, differentiable: bool = False,
+          advance_step: bool = False) -> list[Tensor | None]:
     """Update ``params`` (and the momentum buffers) in place; return the buffers, new ones made on first use.
 
-    ``step`` is the device int64 step count (steps already taken); it is read only when ``lr`` is a LEGW schedule.
+    ``step`` is the device int64 step count (steps already taken); it is read only when ``lr`` is a LEGW schedule,
+    and with ``advance_step`` it is then advanced by one (as the fused ops do in their last call of a step).
     bf16/fp16 tensors are computed in fp32 and rounded once when written back; with ``masters`` (fp32 copies of
     bf16/fp16 params, fp32 buffers) the update runs on the masters and the params receive their rounding. Grads are
     multiplied by 1/grad_scale (GradScaler's unscale, into new tensors). This backend cannot skip on the device:
@@ -126,6 +128,19 @@ def step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], 
     if found_inf is not None or param_sq is not None:
         raise AssertionError("the reference backend is only called for steps known to be finite, without a "
                              "|p|^2 cache")
+    bufs = _step_(params, grads, bufs, lr=lr, step=step, momentum=momentum, dampening=dampening,
+                  weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, lars=lars,
+                  trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip, max_trust_ratio=max_trust_ratio,
+                  grad_scale=grad_scale, masters=masters, norms_sq=norms_sq, torch_sgd=torch_sgd,
+                  differentiable=differentiable)
+    if advance_step:
+        step.add_(1)
+    return bufs
+
+
+def _step_(params, grads, bufs, *, lr, step, momentum, dampening, weight_decay, nesterov, maximize, lars,
+           trust_coefficient, eps, trust_clip, max_trust_ratio, grad_scale, masters, norms_sq, torch_sgd,
+           differentiable):
     if not params:
         return bufs
     if torch_sgd:

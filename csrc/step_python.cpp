@@ -186,6 +186,40 @@ PyObject* fused_step_unboxed(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// param_states(state, params, step) -> (states, momentum_buffers) | None
+//   Per param, its state dict `state[p]` (made by `state`'s default factory where missing, as torch.optim's
+//   defaultdict does), with state["step"] = step set, and its state's "momentum_buffer" (None where absent). None
+//   unless all params are exact tensors (a subclass may define its own __hash__).
+PyObject* param_states(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *state = nullptr, *params = nullptr, *step = nullptr;
+  if (!PyArg_ParseTuple(args, "OOO", &state, &params, &step)) return nullptr;
+  static PyObject* const kStep = PyUnicode_InternFromString("step");
+  static PyObject* const kMomentumBuffer = PyUnicode_InternFromString("momentum_buffer");
+  if (kStep == nullptr || kMomentumBuffer == nullptr) return nullptr;
+  Ref seq(PySequence_Fast(params, "param_states: params must be a sequence of tensors"));
+  if (!seq) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.get());
+  PyObject** items = PySequence_Fast_ITEMS(seq.get());
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!THPVariable_CheckExact(items[i])) Py_RETURN_NONE;
+  }
+  Ref states(PyList_New(n)), bufs(PyList_New(n));
+  if (!states || !bufs) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* st = PyObject_GetItem(state, items[i]);  // new reference; a defaultdict makes a missing entry
+    if (st == nullptr) return nullptr;
+    PyList_SET_ITEM(states.get(), i, st);
+    if (!PyDict_Check(st)) Py_RETURN_NONE;  // not torch.optim's state: the caller's Python handles it
+    if (PyDict_SetItem(st, kStep, step) < 0) return nullptr;
+    PyObject* buf = PyDict_GetItemWithError(st, kMomentumBuffer);  // borrowed
+    if (buf == nullptr && PyErr_Occurred()) return nullptr;
+    PyList_SET_ITEM(bufs.get(), i, Py_NewRef(buf == nullptr ? Py_None : buf));
+  }
+  return PyTuple_Pack(2, states.get(), bufs.get());
+  END_HANDLE_TH_ERRORS
+}
+
 // tensor_versions(tensors, data_ptrs) -> ([t._version], [t.data_ptr()] if data_ptrs else None) | None
 //   What LARS's |p|^2 cache checks every step, per tensor, in one pass (for ~100 tensors a map over the Python
 //   getters costs ~20 us each, warm). None unless all are exact tensors (a subclass may route these getters
@@ -228,6 +262,9 @@ PyMethodDef methods[] = {
     {"fused_step_unboxed", fused_step_unboxed, METH_VARARGS,
      "fused_step_unboxed(*args): legw_fused::fused_step_ through the dispatcher's typed entry (the schema's 25 "
      "positional arguments); NotImplemented for anything but exact tensors and the schema's scalar types."},
+    {"param_states", param_states, METH_VARARGS,
+     "param_states(state, params, step) -> (states, momentum_buffers) | None: state[p] per param with its 'step' "
+     "set to step, and its 'momentum_buffer' or None (None unless all are exact tensors)."},
     {"tensor_versions", tensor_versions, METH_VARARGS,
      "tensor_versions(tensors, data_ptrs) -> ([t._version], [t.data_ptr()] or None) | None (None unless all are "
      "exact tensors)."},

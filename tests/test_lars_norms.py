@@ -136,6 +136,46 @@ def test_in_place_parameter_edit_invalidates_the_cache(backend, edit):
 
 
 @pytest.mark.parametrize("backend", CACHING)
+def test_cache_stays_right_when_steps_bump_no_version_or_views_share_one(backend):
+    """The cache records each param's version after an update as the one before + 1 (the op bumps each once),
+    checked on the first param only. Oracle: the uncached reference, through the cases where that count is not
+    what the update did: steps dispatched below ADInplaceOrView (no bumps) followed by an edit, which a cache
+    recorded one too far would miss, and params that are views of one base (each update bumps their shared counter
+    once per view)."""
+    require_backend(backend)
+    sizes = sizes_for(backend)
+    ours_p, ref_p = make_set(sizes, copies=2)
+    base = torch.randn(sum(math.prod(s) for s in sizes), generator=torch.Generator().manual_seed(5))
+    views, ref_views, start = [], [], 0
+    for s in sizes:  # views of one base: one version counter; twins made by hand for the reference
+        n = math.prod(s)
+        views.append(base[start:start + n].view(s).requires_grad_())
+        ref_views.append(torch.nn.Parameter(base[start:start + n].view(s).clone()))
+        start += n
+    assert views[0]._version == views[-1]._version
+    ours = [LARS(ours_p, lr=SCHED, backend=backend, **CFG), LARS(views, lr=SCHED, backend=backend, **CFG)]
+    refs = [LARS(ref_p, lr=SCHED, backend="torch", cache_norms=False, **CFG),
+            LARS(ref_views, lr=SCHED, backend="torch", cache_norms=False, **CFG)]
+    gen = torch.Generator().manual_seed(6)
+    for t in range(6):
+        for opt, ref, a, c in zip(ours, refs, (ours_p, views), (ref_p, ref_views)):
+            set_grads([a, c], gen)
+            if t in (2, 3):
+                with torch._C._AutoDispatchBelowADInplaceOrView():
+                    opt.step()
+            else:
+                opt.step()
+            ref.step()
+            if t in (1, 3):  # an edit right after a step (at t = 3: after one that bumped nothing)
+                with torch.no_grad():
+                    for p, q in zip(a, c):
+                        p.mul_(1.5)
+                        q.mul_(1.5)
+            for x, y in zip(a, c):
+                assert_close_to_reference(x.detach(), y.detach(), torch.float32, msg=lambda m: f"step {t}: {m}")
+
+
+@pytest.mark.parametrize("backend", CACHING)
 def test_stale_cache_would_be_wrong(backend):
     """Guard for the test above: the edits change the LARS step, so an unnoticed edit could not pass it."""
     require_backend(backend)

@@ -82,7 +82,8 @@ def cpu_description() -> dict:
     onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "the CPU's"
     return {"cpu": model, "vector_extensions": vector, "aten_cpu_capability": capability,
             "mkldnn": torch.backends.mkldnn.is_available(), "mkl": torch.backends.mkl.is_available(),
-            "onednn_max_cpu_isa": onednn_cap, "lstm_cpu_rows": legw_fused.ops.LSTM_CPU_ROWS}
+            "onednn_max_cpu_isa": onednn_cap, "lstm_cpu_rows": legw_fused.ops.LSTM_CPU_ROWS,
+            "lstm_cpu_gemm": legw_fused.ops.LSTM_CPU_GEMM}
 
 
 def commit() -> str:
@@ -123,6 +124,8 @@ def describe(meta: dict) -> str:
         if "onednn_max_cpu_isa" in meta:  # runs from before session 9 did not record these
             extra += (f", oneDNN ISA {meta['onednn_max_cpu_isa']}, legw_fused C++ LSTM rows "
                       f"{meta['lstm_cpu_rows']}")
+        if "lstm_cpu_gemm" in meta:  # since session 13
+            extra += f", GEMMs {meta['lstm_cpu_gemm']}"
     return (f"{meta['device_name']} ({meta['device']}, {meta['threads']} threads{extra}), torch {meta['torch']}, "
             f"triton {meta['triton']}, commit {meta['commit']}, {meta['date']}")
 

@@ -27,6 +27,14 @@ PyMODINIT_FUNC PyInit__C(void) {
 #endif
   PyModule_AddIntConstant(m, "LSTM_CPU_SEQUENCE", legw_fused::lstm::cpu_sequence_kernel() ? 1 : 0);
   PyModule_AddStringConstant(m, "LSTM_CPU_ROWS", legw_fused::lstm::cpu_rows_isa());
+  try {
+    PyModule_AddStringConstant(m, "LSTM_CPU_GEMM", legw_fused::lstm::cpu_sequence_gemm());
+    PyModule_AddIntConstant(m, "LSTM_CPU_BLAS", legw_fused::lstm::cpu_blas_sgemm() ? 1 : 0);
+  } catch (const c10::Error& e) {  // a bad LEGW_FUSED_LSTM_CPU_GEMM: the import fails with the reason
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    Py_DECREF(m);
+    return nullptr;
+  }
   return m;
 }
 }

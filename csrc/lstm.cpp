@@ -18,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <tuple>
@@ -297,8 +299,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 //                       weight gradients are summed once at the end.
 // The preactivations differ from the per-op path's in rounding only (one K-long dot product instead of x·W_ihᵀ
 // then + h·W_hhᵀ).
+//
+// The GEMMs run on brgemm or on the BLAS sgemm that ATen itself calls (MKL in the x86-64 wheels), chosen once per
+// process (seq_gemm()): neither wins on every CPU. One core, a step's shapes at n = 64, GFLOP/s (bench/NOTES.md):
+//   Zen 4, AVX-512:  brgemm 110 (forward) / 111 (dh), MKL 82 / 75 (MKL takes no AVX-512 path on AMD CPUs);
+//   Zen 3, AVX2:     brgemm 60 / 63 / 66 (forward / dh / dW), MKL 78 / 84 / 84: brgemm stays at ~65 however its
+//                    calls are blocked over N and K, so this is its AVX2 micro-kernel, not the 512 KiB L2.
+// With BLAS the weights and A_t need no transposes (sgemm takes them as stored): the forward's B operand is W_cat
+// [G, K] itself, and the slice's weight gradient accumulates as dW_cat [G, K] += dA_tᵀ · [x_t | h_{t-1}].
 #ifdef CPUBLAS_BRGEMM_F32F32F32
 #define LEGW_FUSED_SEQ_F32 1
+
+// The Fortran sgemm of the BLAS that libtorch_cpu links and exports (MKL in the x86-64 wheels, OpenBLAS in the
+// aarch64 ones), with the 32-bit integers ATen's own calls use. Weak: where no loaded library exports it the
+// extension still loads, and the sequence kernel runs on brgemm alone.
+#if defined(__GNUC__) && defined(__ELF__)
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+bool blas_sgemm_found() { return &sgemm_ != nullptr; }
+#else
+bool blas_sgemm_found() { return false; }
+#endif
+
+enum class SeqGemm { brgemm, blas };
+
+// LEGW_FUSED_LSTM_CPU_GEMM=brgemm|blas chooses (how the tests run both on one machine); unset or "auto": brgemm
+// where ATen runs AVX-512 code (row_isa()), BLAS elsewhere when it is found. Read once: the choice changes rounding,
+// so a process keeps one.
+SeqGemm seq_gemm() {
+  static const SeqGemm gemm = [] {
+    const char* env = std::getenv("LEGW_FUSED_LSTM_CPU_GEMM");
+    const std::string want = env == nullptr ? "auto" : env;
+    TORCH_CHECK_VALUE(want == "auto" || want == "brgemm" || want == "blas",
+                      "LEGW_FUSED_LSTM_CPU_GEMM must be auto, brgemm or blas, got '", want, "'");
+    TORCH_CHECK_VALUE(want != "blas" || blas_sgemm_found(),
+                      "LEGW_FUSED_LSTM_CPU_GEMM=blas, but torch's libraries export no BLAS sgemm_");
+    if (want == "brgemm" || (want == "auto" && (row_isa() == RowIsa::avx512 || !blas_sgemm_found()))) {
+      return SeqGemm::brgemm;
+    }
+    return SeqGemm::blas;
+  }();
+  return gemm;
+}
+
+// Row-major C [M, N] = (or += with add_c) op(A) · op(B) through the Fortran (column-major) sgemm: a row-major
+// matrix is its transpose in column-major order, so this is Cᵀ = op(B)ᵀ · op(A)ᵀ. trans_a: A is stored [K, M]
+// (row stride ld_a) and used transposed; trans_b: B is stored [N, K].
+void blas_sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* a, int64_t ld_a,
+                const float* b, int64_t ld_b, bool add_c, float* c, int64_t ld_c) {
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int lda = static_cast<int>(ld_b), ldb = static_cast<int>(ld_a), ldc = static_cast<int>(ld_c);
+  const float alpha = 1.f, beta = add_c ? 1.f : 0.f;
+  sgemm_(trans_b ? "T" : "N", trans_a ? "T" : "N", &m, &n, &k, &alpha, b, &lda, a, &ldb, &beta, c, &ldc);
+}
 
 // fp32 sequences (T > 1); one step (an LSTMCell call) keeps the per-op path, whose GEMM and pointwise kernel are
 // threaded within the step.
@@ -327,6 +381,18 @@ void transpose_rows(const float* src, int64_t ld_src, float* dst, int64_t ld_dst
 void brgemm_f32(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c, bool add_c, const float* a,
                 const float* b, float* c) {
   at::native::cpublas::brgemm(M, N, K, ld_a, ld_b, ld_c, add_c, a, b, c, /*is_vnni=*/false);
+}
+
+// Row-major C [M, N] = (or +=) A [M, K] · B [K, N], all as stored, on the process's GEMM; a product narrower than 64
+// columns on brgemm either way: MKL's blocking suits it badly (one core, M 64, K 512 on Zen 3: N 28 brgemm 62 vs
+// MKL 46 GFLOP/s, N 32 86 vs 74; N 64 61 vs 75). Only dx = dA·W_ih is that narrow at usual sizes (N = I).
+void gemm_nn(SeqGemm gemm, int64_t M, int64_t N, int64_t K, const float* a, int64_t ld_a, const float* b, int64_t ld_b,
+             bool add_c, float* c, int64_t ld_c) {
+  if (gemm == SeqGemm::blas && N >= 64) {
+    blas_sgemm(false, false, M, N, K, a, ld_a, b, ld_b, add_c, c, ld_c);
+  } else {
+    brgemm_f32(M, N, K, ld_a, ld_b, ld_c, add_c, a, b, c);
+  }
 }
 
 // [W_ih | W_hh]ᵀ [K, G], the forward GEMM's B operand. Each slice builds its own copy: duplicated work (K·G
@@ -359,10 +425,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
               *h0p = h0.const_data_ptr<float>(), *c0p = c0.const_data_ptr<float>();
   float *gp = keep ? gates.data_ptr<float>() : nullptr, *csp = keep ? cs.data_ptr<float>() : nullptr,
         *outp = out.data_ptr<float>(), *h_np = h_n.data_ptr<float>(), *c_np = c_n.data_ptr<float>();
+  const SeqGemm gemm = seq_gemm();
   for_batch_slices(x, T, B, [&](int64_t, int64_t b0, int64_t n) {
-    // The B operand; [x_t | h_{t-1}] of this slice's rows; without keep, one step's gates and two cell states.
+    // The B operand (W_catᵀ [K, G] for brgemm, W_cat [G, K] for BLAS); [x_t | h_{t-1}] of this slice's rows;
+    // without keep, one step's gates and two cell states.
     std::vector<float> w(K * G), xh(n * K), scratch(keep ? 0 : n * (G + 2 * H));
-    concat_weights_t(w_ihp, w_hhp, I, H, w.data());
+    if (gemm == SeqGemm::blas) {
+      copy_rows(w_ihp, I, w.data(), K, G, I);
+      copy_rows(w_hhp, H, w.data() + I, K, G, H);
+    } else {
+      concat_weights_t(w_ihp, w_hhp, I, H, w.data());
+    }
     copy_rows(h0p + b0 * H, H, xh.data() + I, K, n, H);
     // Pointers to this slice's first row: the row loops run over rows 0 .. n.
     const float* c_prev = c0p + b0 * H;
@@ -372,7 +445,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
       float* g_t = keep ? gp + (t * B + b0) * G : scratch.data();
       float* c_t = keep ? csp + (t * B + b0) * H : scratch.data() + n * G + (s % 2) * n * H;
       float* h_t = outp + (t * B + b0) * H;
-      brgemm_f32(n, G, K, K, G, G, /*add_c=*/false, xh.data(), w.data(), g_t);
+      if (gemm == SeqGemm::blas) {
+        blas_sgemm(false, true, n, G, K, xh.data(), K, w.data(), K, /*add_c=*/false, g_t, G);
+      } else {
+        brgemm_f32(n, G, K, K, G, G, /*add_c=*/false, xh.data(), w.data(), g_t);
+      }
       fwd_rows_any(g_t, biasp, c_prev, c_t, h_t, 0, n, H);
       copy_rows(h_t, H, xh.data() + I, K, n, H);
       c_prev = c_t;
@@ -404,7 +481,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dh = at::empty({B, H}, x.options()), dc = at::empty({B, H}, x.options());
   at::Tensor dx = compute_dx ? at::empty({T, B, I}, x.options()) : at::empty({0}, x.options());
   const int64_t slices = num_batch_slices(x, T, B);
-  at::Tensor dw_t_parts = at::empty({slices, K, G}, x.options());  // each slice's Σ A_tᵀ·dA_t
+  const SeqGemm gemm = seq_gemm();
+  // Each slice's Σ_t A_tᵀ·dA_t: as dW_catᵀ [K, G] for brgemm, as dW_cat [G, K] for BLAS.
+  at::Tensor dw_parts = at::empty({slices, K, G}, x.options());
   at::Tensor db_parts = at::empty({slices, G}, x.options());
   const float *xp = x.const_data_ptr<float>(), *actp = act.const_data_ptr<float>(), *csp = cs.const_data_ptr<float>(),
               *outp = out.const_data_ptr<float>(), *h0p = h0.const_data_ptr<float>(), *c0p = c0.const_data_ptr<float>(),
@@ -414,10 +493,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               *w_hhp = w_hh.const_data_ptr<float>();
   float *dhp = dh.data_ptr<float>(), *dcp = dc.data_ptr<float>(), *dxp = compute_dx ? dx.data_ptr<float>() : nullptr;
   for_batch_slices(x, T, B, [&](int64_t sl, int64_t b0, int64_t n) {
+    // dA_t [n, G]; A_t: [x_t | h_{t-1}] [n, K] for BLAS, its transpose [K, n] for brgemm.
     std::vector<float> da(n * G), a_t(K * n);
-    float* dw_t = dw_t_parts.data_ptr<float>() + sl * K * G;
+    float* dw = dw_parts.data_ptr<float>() + sl * K * G;
     float* db = db_parts.data_ptr<float>() + sl * G;
-    std::fill(dw_t, dw_t + K * G, 0.f);
+    std::fill(dw, dw + K * G, 0.f);
     std::fill(db, db + G, 0.f);
     float *dh_s = dhp + b0 * H, *dc_s = dcp + b0 * H;
     if (dh_np)
@@ -441,21 +521,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 #pragma omp simd
         for (int64_t j = 0; j < G; ++j) db[j] += dar[j];
       }
-      transpose_rows(xp + (t * B + b0) * I, I, a_t.data(), n, n, I);
-      transpose_rows(h_prev, H, a_t.data() + I * n, n, n, H);
-      brgemm_f32(K, G, n, n, G, G, /*add_c=*/true, a_t.data(), da.data(), dw_t);
       // The gradients reaching h_{t-1} and x_t, straight into dh and dx: W_hh [G, H] and W_ih [G, I] are the B
       // operands as they are. (One GEMM against [W_ih | W_hh] would need a copy of the weights and of its output,
-      // and ran N = 156 slower than N = 128 and N = 28 apart: 102 vs 73 + 18 µs at n = 64.)
-      brgemm_f32(n, H, G, G, H, H, /*add_c=*/false, da.data(), w_hhp, dh_s);
-      if (compute_dx) brgemm_f32(n, I, G, G, I, I, /*add_c=*/false, da.data(), w_ihp, dxp + (t * B + b0) * I);
+      // and ran N = 156 slower than N = 128 and N = 28 apart at n = 64: brgemm 102 vs 73 + 18 µs on Zen 4; on Zen 3
+      // MKL 145 vs MKL 111 + brgemm 29.)
+      float* dx_t = compute_dx ? dxp + (t * B + b0) * I : nullptr;
+      if (gemm == SeqGemm::blas) {
+        copy_rows(xp + (t * B + b0) * I, I, a_t.data(), K, n, I);
+        copy_rows(h_prev, H, a_t.data() + I, K, n, H);
+        blas_sgemm(true, false, G, K, n, da.data(), G, a_t.data(), K, /*add_c=*/true, dw, K);
+      } else {
+        transpose_rows(xp + (t * B + b0) * I, I, a_t.data(), n, n, I);
+        transpose_rows(h_prev, H, a_t.data() + I * n, n, n, H);
+        brgemm_f32(K, G, n, n, G, G, /*add_c=*/true, a_t.data(), da.data(), dw);
+      }
+      gemm_nn(gemm, n, H, G, da.data(), G, w_hhp, H, /*add_c=*/false, dh_s, H);
+      if (compute_dx) gemm_nn(gemm, n, I, G, da.data(), G, w_ihp, I, /*add_c=*/false, dx_t, I);
     }
   });
-  // The slices' partial sums, added in slice order and transposed into dW_ih [G, I] and dW_hh [G, H], in parallel
-  // over blocks of gate rows.
+  // The slices' partial sums, added in slice order (transposed first where brgemm left dW_catᵀ) and split into
+  // dW_ih [G, I] and dW_hh [G, H], in parallel over blocks of gate rows.
   at::Tensor dw_ih = at::empty({G, I}, x.options()), dw_hh = at::empty({G, H}, x.options());
   at::Tensor db = at::empty({G}, x.options());
-  const float* partp = dw_t_parts.const_data_ptr<float>();
+  const float* partp = dw_parts.const_data_ptr<float>();
   const float* dbpp = db_parts.const_data_ptr<float>();
   float *dw_ihp = dw_ih.data_ptr<float>(), *dw_hhp = dw_hh.data_ptr<float>(), *dbp = db.data_ptr<float>();
   at::parallel_for(0, G, 64, [&](int64_t g0, int64_t g1) {
@@ -465,11 +553,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int64_t sl = 1; sl < slices; ++sl) acc += dbpp[sl * G + g];
       dbp[g] = acc;
     }
-    // [K, g1 - g0] blocks of each slice, transposed into [g1 - g0, K] and added in slice order.
-    transpose_rows(partp + g0, G, sum.data(), K, K, g1 - g0);
+    // Each slice's rows g0 .. g1 of dW_cat as a [g1 - g0, K] block: copied, or transposed from [K, g1 - g0].
+    const auto block_of = [&](int64_t sl, float* dst) {
+      if (gemm == SeqGemm::blas) {
+        copy_rows(partp + sl * K * G + g0 * K, K, dst, K, g1 - g0, K);
+      } else {
+        transpose_rows(partp + sl * K * G + g0, G, dst, K, K, g1 - g0);
+      }
+    };
+    block_of(0, sum.data());
     std::vector<float> blk(slices > 1 ? sum.size() : 0);
     for (int64_t sl = 1; sl < slices; ++sl) {
-      transpose_rows(partp + sl * K * G + g0, G, blk.data(), K, K, g1 - g0);
+      block_of(sl, blk.data());
       for (size_t i = 0; i < sum.size(); ++i) sum[i] += blk[i];
     }
     copy_rows(sum.data(), K, dw_ihp + g0 * I, I, g1 - g0, I);
@@ -491,6 +586,22 @@ const char* cpu_rows_isa() {
       break;
   }
   return "baseline";
+}
+
+const char* cpu_sequence_gemm() {
+#ifdef LEGW_FUSED_SEQ_F32
+  return seq_gemm() == SeqGemm::blas ? "blas" : "brgemm";
+#else
+  return "none";
+#endif
+}
+
+bool cpu_blas_sgemm() {
+#ifdef LEGW_FUSED_SEQ_F32
+  return blas_sgemm_found();
+#else
+  return false;
+#endif
 }
 
 bool cpu_sequence_kernel() {

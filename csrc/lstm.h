@@ -155,6 +155,12 @@ void pointwise_bwd_cuda(const at::Tensor& act, const at::Tensor& c_prev, const a
 // whole-sequence brgemm path (compiled where torch exports an fp32 at::native::cpublas::brgemm).
 const char* cpu_rows_isa();
 bool cpu_sequence_kernel();
+// The sequence kernel's GEMMs in this process: "brgemm" (oneDNN's micro-kernel) or "blas" (the sgemm ATen calls);
+// "none" without the kernel. LEGW_FUSED_LSTM_CPU_GEMM may choose; a value other than auto, brgemm or blas throws
+// (c10::ValueError).
+const char* cpu_sequence_gemm();
+// Whether the BLAS sgemm_ that LEGW_FUSED_LSTM_CPU_GEMM=blas needs was found in torch's libraries.
+bool cpu_blas_sgemm();
 
 }  // namespace lstm
 }  // namespace legw_fused

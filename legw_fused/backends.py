@@ -140,7 +140,7 @@ def _lstm_cpu_auto() -> tuple[tuple[str, ...], str]:
     is built, on every instruction set; it measured LSTM_CPU_FIGURES below. Without it, by ATen's capability."""
     if not ops.LSTM_CPU_SEQUENCE:
         return _lstm_cpu_auto_by_capability()
-    return ("cpp", "native", "torch"), (f"fp32 sequence kernel (oneDNN brgemm GEMMs, {ops.LSTM_CPU_ROWS} row "
+    return ("cpp", "native", "torch"), (f"fp32 sequence kernel ({ops.LSTM_CPU_GEMM} GEMMs, {ops.LSTM_CPU_ROWS} row "
                                         f"loops): {LSTM_CPU_FIGURES}")
 
 
@@ -178,7 +178,8 @@ LSTM_BACKENDS: Registry = Registry("LSTM ", {
     "torch": LSTMBackend("torch", None, None, "pure-PyTorch reference (autograd through torch ops)", None,
                          contiguous_only=False, layer=lstm_reference.layer, cell=lstm_reference.cell),
     "cpp": LSTMBackend("cpp", ("cpu",), FUSED_DTYPES + (torch.float64,),
-                       "C++ CPU layer: fp32 sequences per batch slice on oneDNN brgemm GEMMs, fused pointwise kernels",
+                       "C++ CPU layer: fp32 sequences per batch slice (oneDNN brgemm or BLAS GEMMs), fused pointwise "
+                       "kernels",
                        _extension_reason("lstm_layer_fwd", "CPU"), contiguous_only=False,
                        layer=lstm.extension_layer, cell=lstm.extension_cell),
     "cuda": LSTMBackend("cuda", ("cuda",), FUSED_DTYPES + (torch.float64,),

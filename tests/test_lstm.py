@@ -190,12 +190,81 @@ def test_cpp_layer_on_a_lower_instruction_set(rows):
     script = (f"import legw_fused.ops as o, test_lstm as t\n"
               f"assert o.LSTM_CPU_ROWS == {rows!r}, o.LSTM_CPU_ROWS\n"
               f"t._check_isa_cases()\n")
+    out = _run_test_subprocess(script, env_vars)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# The fp32 sequence kernel's GEMMs (csrc/lstm.cpp, seq_gemm): oneDNN's brgemm or the BLAS sgemm that ATen calls (MKL
+# in x86-64 wheels), one per process, by LEGW_FUSED_LSTM_CPU_GEMM or else by the instruction set. Both run here in
+# fresh processes. The added case has H 64, so that dh = dA·W_hh runs on the BLAS too (narrower products stay on
+# brgemm), and two bidirectional layers: the first layer's dx is narrow (I 20), the second's wide (I 128).
+GEMM_CASES = ISA_CASES + [(5, 66, 20, 64, 2, True, True, True)]
+GEMM_ENV = "LEGW_FUSED_LSTM_CPU_GEMM"
+
+
+def _check_gemm_cases():
+    for case in GEMM_CASES:
+        _check_against_torch("cpp", case, torch.float32)
+    # Without gradients the layer runs the inference op, whose forward keeps no gates: the same GEMMs.
+    torch.manual_seed(1)
+    ours, ref = _pair(legw_fused.LSTM, nn.LSTM, 20, 64, 2, True, False, 0.0, True, backend="cpp")
+    x = torch.randn(6, 66, 20)
+    with torch.no_grad():
+        for name, a, b in zip(("output", "h_n", "c_n"), *(_flat(m(x)) for m in (ours, ref))):
+            assert_close_scaled(f"no-grad {name}", a, b, LSTM_TOL[torch.float32][0])
+
+
+def _flat(result):
+    out, (h_n, c_n) = result
+    return out, h_n, c_n
+
+
+def _skip_without_sequence_kernel():
+    _skip_without_cpp()
+    if not ops.LSTM_CPU_SEQUENCE:
+        pytest.skip("this torch exports no fp32 brgemm: the C++ layer has no sequence kernel (per-step path only)")
+
+
+def test_cpp_sequence_gemm_follows_the_instruction_set():
+    """Unchosen: brgemm where ATen runs AVX-512 code (it beat MKL there, which takes no AVX-512 path on AMD CPUs), the
+    BLAS elsewhere (MKL beat brgemm's AVX2 kernel), brgemm alone where torch exports no BLAS sgemm."""
+    _skip_without_sequence_kernel()
+    if os.environ.get(GEMM_ENV, "auto") != "auto":
+        pytest.skip(f"{GEMM_ENV}={os.environ[GEMM_ENV]} chose the GEMMs of this process")
+    expected = "brgemm" if ops.LSTM_CPU_ROWS == "avx512" or not ops.LSTM_CPU_BLAS else "blas"
+    assert ops.LSTM_CPU_GEMM == expected, (ops.LSTM_CPU_ROWS, ops.LSTM_CPU_BLAS)
+
+
+@pytest.mark.skipif(ISA_SUBPROCESS in os.environ, reason="already the subprocess")
+@pytest.mark.parametrize("gemm", ["brgemm", "blas"])
+def test_cpp_layer_on_each_sequence_gemm(gemm):
+    """Each GEMM choice, in a fresh process, against nn.LSTM: outputs, states and every gradient, both directions,
+    two slices, the inference op."""
+    _skip_without_sequence_kernel()
+    if gemm == "blas" and not ops.LSTM_CPU_BLAS:
+        pytest.skip("torch's libraries export no BLAS sgemm_: the sequence kernel runs on brgemm alone")
+    script = (f"import legw_fused.ops as o, test_lstm as t\n"
+              f"assert o.LSTM_CPU_GEMM == {gemm!r}, o.LSTM_CPU_GEMM\n"
+              f"t._check_gemm_cases()\n")
+    out = _run_test_subprocess(script, {GEMM_ENV: gemm})
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(ISA_SUBPROCESS in os.environ, reason="already the subprocess")
+def test_an_unknown_gemm_choice_fails_the_import_and_names_the_variable():
+    _skip_without_cpp()
+    out = _run_test_subprocess("import legw_fused\n", {GEMM_ENV: "mkl"})
+    assert out.returncode != 0
+    assert f"ValueError: {GEMM_ENV} must be auto, brgemm or blas, got 'mkl'" in out.stderr, out.stderr
+
+
+def _run_test_subprocess(script: str, env_vars: dict) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter that can import this module, with ``env_vars`` set."""
     tests = Path(__file__).resolve().parent
     env = dict(os.environ, **env_vars, PYTHONPATH=os.pathsep.join(
         [str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")]), **{ISA_SUBPROCESS: "1"})
-    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tests.parent, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr
+    return subprocess.run([sys.executable, "-c", script], env=env, cwd=tests.parent, capture_output=True, text=True,
+                          timeout=600)
 
 
 @pytest.mark.parametrize("case", [(6, 70, 6, 9, 1, True, False, True), (1, 3, 4, 5, 1, False, False, True),

@@ -71,7 +71,8 @@ def test_cpu_auto_takes_the_sequence_kernel_on_every_capability(monkeypatch, cap
     monkeypatch.setattr(backends.ops, "LSTM_CPU_SEQUENCE", True)
     order, why = backends._lstm_cpu_auto()
     assert order == ("cpp", "native", "torch")
-    assert "brgemm" in why and backends.ops.LSTM_CPU_ROWS in why and backends.LSTM_CPU_FIGURES in why
+    assert f"{backends.ops.LSTM_CPU_GEMM} GEMMs" in why and backends.ops.LSTM_CPU_ROWS in why
+    assert backends.LSTM_CPU_FIGURES in why
 
 
 def test_half_precision_keeps_the_capability_rule_on_this_cpu():

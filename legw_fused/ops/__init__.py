@@ -19,10 +19,14 @@ try:
 
     EXTENSION_ERROR: str | None = None
     WITH_CUDA: bool = bool(_C.WITH_CUDA)
-    # The C++ CPU LSTM in this process (csrc/lstm.h): whether fp32 sequences run the whole-sequence brgemm kernel,
-    # and which build of the row loops runs ("avx512", "avx2", "baseline").
+    # The C++ CPU LSTM in this process (csrc/lstm.h): whether fp32 sequences run the whole-sequence kernel, which
+    # build of the row loops runs ("avx512", "avx2", "baseline"), the sequence kernel's GEMMs ("brgemm": oneDNN's
+    # micro-kernel, "blas": the sgemm ATen calls, MKL in x86-64 wheels; LEGW_FUSED_LSTM_CPU_GEMM may choose) and
+    # whether that BLAS sgemm was found.
     LSTM_CPU_SEQUENCE: bool = bool(_C.LSTM_CPU_SEQUENCE)
     LSTM_CPU_ROWS: str = _C.LSTM_CPU_ROWS
+    LSTM_CPU_GEMM: str = _C.LSTM_CPU_GEMM
+    LSTM_CPU_BLAS: bool = bool(_C.LSTM_CPU_BLAS)
 except ImportError as exc:
     _C = None
     EXTENSION_ERROR = (f"legw_fused._C is not built or failed to load ({exc}); reinstall with "
@@ -30,6 +34,8 @@ except ImportError as exc:
     WITH_CUDA = False
     LSTM_CPU_SEQUENCE = False
     LSTM_CPU_ROWS = "none"
+    LSTM_CPU_GEMM = "none"
+    LSTM_CPU_BLAS = False
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

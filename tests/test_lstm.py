@@ -130,6 +130,29 @@ def _check_isa_cases():
     for case in ISA_CASES:
         for dtype in (torch.float32, torch.bfloat16):
             _check_against_torch("cpp", case, dtype)
+    _check_final_state_only("cpp", ISA_CASES[0])
+
+
+def _check_final_state_only(backend, case):
+    """A loss on h_n and c_n alone (a classifier reading the last state; every LSTMCell step but the last): the
+    layer's output gets no gradient, so the backward runs without one (the C++ row loops' own branch)."""
+    T, B, I, H, L, bi, bf, bias = case
+    torch.manual_seed(2)
+    ours, ref = _pair(legw_fused.LSTM, nn.LSTM, I, H, L, bias, bf, 0.0, bi, backend=backend)
+    x = torch.randn((B, T, I) if bf else (T, B, I))
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    cot = torch.randn(2, L * (2 if bi else 1), B, H)
+    for m, inp in ((ours, xs), (ref, xr)):
+        _, (h_n, c_n) = m(inp)
+        torch.autograd.backward([h_n, c_n], [cot[0], cot[1]])
+    gtol = LSTM_TOL[torch.float32][1]
+    assert_close_scaled("d input", xs.grad, xr.grad, gtol)
+    for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert_close_scaled(f"d {name}", p.grad, q.grad, gtol)
+
+
+def test_loss_on_the_final_state_only(lstm_backend):
+    _check_final_state_only(lstm_backend, (6, 70, 6, 9, 1, True, False, True))
 
 
 def _skip_without_cpp():

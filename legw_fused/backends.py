@@ -144,11 +144,11 @@ def _lstm_cpu_auto() -> tuple[tuple[str, ...], str]:
                                         f"loops): {LSTM_CPU_FIGURES}")
 
 
-# bench/lstm.py, MNIST shape (T 28, I 28, H 128), C++ layer over nn.LSTM measured interleaved within each run (commit
-# caf496e, four runs; 2-core AVX-512 EPYC; "AVX2": the same machine with ONEDNN_MAX_CPU_ISA=AVX2
-# ATEN_CPU_CAPABILITY=avx2, three runs).
-LSTM_CPU_FIGURES = ("1.18-1.39x / 1.77-1.83x nn.LSTM fwd+bwd at B 128 / 1024 on an AVX-512 EPYC, 1.27-1.45x / "
-                    "1.39-1.53x held to AVX2 (bench/results)")
+# bench/lstm.py, MNIST shape (T 28, I 28, H 128), C++ layer over nn.LSTM measured interleaved within each run: a
+# 2-core AVX-512 EPYC (Zen 4; brgemm GEMMs; commit caf496e, four runs) and a 2-core AVX2 EPYC (Zen 3; BLAS GEMMs;
+# commits 6aaf3f7 and 612e4af, eleven runs).
+LSTM_CPU_FIGURES = ("1.18-1.39x / 1.77-1.83x nn.LSTM fwd+bwd at B 128 / 1024 on an AVX-512 EPYC, 1.17-1.32x / "
+                    "1.57-1.81x on an AVX2 EPYC (bench/results)")
 
 
 _LSTM_CPU_ORDER, _LSTM_CPU_WHY = _lstm_cpu_auto()
@@ -171,7 +171,7 @@ def _lstm_cpu_no_grad() -> tuple[tuple[str, ...], str]:
 
 
 LSTM_CPU_NO_GRAD_FIGURES = ("1.05-1.45x / 1.27-1.80x nn.LSTM's no-grad forward at B 128 / 1024 on the AVX-512 EPYC, "
-                            "1.09-1.41x / 1.24-1.48x held to AVX2")
+                            "1.31x / 1.61-1.64x on the AVX2 EPYC")
 _LSTM_CPU_NO_GRAD = _lstm_cpu_no_grad()
 
 LSTM_BACKENDS: Registry = Registry("LSTM ", {
@@ -200,10 +200,13 @@ LSTM_BACKENDS: Registry = Registry("LSTM ", {
 # order. On CPUs the C++ cell comes first on every instruction set: on the 2-core AVX-512 EPYC where the C++ layer
 # loses to oneDNN's, the C++ cell measured 1.02-1.04x (MNIST, B 128 and 1024) and 1.05x (fp64, B 97, H 51)
 # nn.LSTMCell forward + backward in a loop (bench/lstm.py, commit 15e4551; torch's cell has no oneDNN kernel: ATen
-# ops per gate), and torch's own cell behind our module 0.96-0.98x (our Python around the same kernel).
+# ops per gate), and torch's own cell behind our module 0.96-0.98x (our Python around the same kernel). On a 2-core
+# AVX2 EPYC (Zen 3) 1.12-1.19x (commit 612e4af; before it a masked load from a null pointer in the backward's row
+# loop made it 0.89-0.97x there).
 LSTM_CELL_BACKENDS: Registry = Registry("LSTM cell ", dict(LSTM_BACKENDS), {
     "cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "native", "torch")}, {
-    "cpu": "the C++ cell: 1.02-1.05x nn.LSTMCell fwd+bwd in a loop, also on AVX-512 (bench/lstm.py cell rows)"})
+    "cpu": "the C++ cell: 1.02-1.05x nn.LSTMCell fwd+bwd in a loop on AVX-512, 1.12-1.19x on AVX2 (bench/lstm.py cell "
+           "rows)"})
 
 
 def check_backend_name(backend: str, registry: Registry = STEP_BACKENDS) -> str:

@@ -348,10 +348,16 @@ SeqGemm seq_gemm() {
 // (row stride ld_a) and used transposed; trans_b: B is stored [N, K].
 void blas_sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* a, int64_t ld_a,
                 const float* b, int64_t ld_b, bool add_c, float* c, int64_t ld_c) {
+  TORCH_CHECK(std::max({M, N, K, ld_a, ld_b, ld_c}) <= INT_MAX, "lstm_layer: a GEMM dimension beyond the BLAS's ",
+              "32-bit integers (LEGW_FUSED_LSTM_CPU_GEMM=brgemm has no such limit)");
   const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
   const int lda = static_cast<int>(ld_b), ldb = static_cast<int>(ld_a), ldc = static_cast<int>(ld_c);
   const float alpha = 1.f, beta = add_c ? 1.f : 0.f;
+#if defined(__GNUC__) && defined(__ELF__)
   sgemm_(trans_b ? "T" : "N", trans_a ? "T" : "N", &m, &n, &k, &alpha, b, &lda, a, &ldb, &beta, c, &ldc);
+#else
+  TORCH_CHECK(false, "lstm_layer: this build has no BLAS sgemm_");  // unreachable: seq_gemm() never picks it
+#endif
 }
 
 // fp32 sequences (T > 1); one step (an LSTMCell call) keeps the per-op path, whose GEMM and pointwise kernel are

@@ -92,18 +92,18 @@ void fwd_rows_any(scalar_t* a, const acc_t* bias, const acc_t* c_prev, acc_t* c,
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void bwd_rows_any(const scalar_t* act, const acc_t* c_prev, const acc_t* c, const scalar_t* dout,
-                  const scalar_t* dh_rec, acc_t* dc, scalar_t* da, int64_t b0, int64_t b1, int64_t H) {
+                  const scalar_t* dh_rec, acc_t* dc, scalar_t* da, acc_t* db, int64_t b0, int64_t b1, int64_t H) {
 #ifdef LEGW_FUSED_AVX2
   switch (row_isa()) {
     case RowIsa::avx512:
-      return avx512::bwd_rows(act, c_prev, c, dout, dh_rec, dc, da, b0, b1, H);
+      return avx512::bwd_rows(act, c_prev, c, dout, dh_rec, dc, da, db, b0, b1, H);
     case RowIsa::avx2:
-      return avx2::bwd_rows(act, c_prev, c, dout, dh_rec, dc, da, b0, b1, H);
+      return avx2::bwd_rows(act, c_prev, c, dout, dh_rec, dc, da, db, b0, b1, H);
     case RowIsa::base:
       break;
   }
 #endif
-  base::bwd_rows(act, c_prev, c, dout, dh_rec, dc, da, b0, b1, H);
+  base::bwd_rows(act, c_prev, c, dout, dh_rec, dc, da, db, b0, b1, H);
 }
 
 }  // namespace
@@ -134,8 +134,9 @@ void pointwise_bwd_cpu(const at::Tensor& act, const at::Tensor& c_prev, const at
     const scalar_t* ghp = dh_rec.data_ptr<scalar_t>();
     acc_t* dcp = dc.data_ptr<acc_t>();
     scalar_t* dap = da.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_rows(H),
-                     [&](int64_t b0, int64_t b1) { bwd_rows_any(ap, cpp, cp, gop, ghp, dcp, dap, b0, b1, H); });
+    at::parallel_for(0, B, grain_rows(H), [&](int64_t b0, int64_t b1) {
+      bwd_rows_any(ap, cpp, cp, gop, ghp, dcp, dap, static_cast<acc_t*>(nullptr), b0, b1, H);
+    });
   });
 }
 
@@ -295,8 +296,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 //                       preactivations land in the saved gates buffer, where the pointwise kernel activates them;
 //   backward, per step: dA_t [n, G] from the pointwise kernel (one step's rows, kept in L1/L2, never the whole
 //                       [T, B, G]); dh_{t-1} = dA_t · W_hh and dx_t = dA_t · W_ih; the slice's dW_catᵀ [K, G] +=
-//                       A_tᵀ · dA_t (A_tᵀ rebuilt from x_t and h_{t-1}); db += Σ_rows dA_t. The slices' partial
-//                       weight gradients are summed once at the end.
+//                       A_tᵀ · dA_t (A_tᵀ rebuilt from x_t and h_{t-1}); db += Σ_rows dA_t (in the row loop). The
+//                       slices' partial weight gradients are summed once at the end.
 // The preactivations differ from the per-op path's in rounding only (one K-long dot product instead of x·W_ihᵀ
 // then + h·W_hhᵀ).
 //
@@ -306,7 +307,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 //   Zen 3, AVX2:     brgemm 60 / 63 / 66 (forward / dh / dW), MKL 78 / 84 / 84: brgemm stays at ~65 however its
 //                    calls are blocked over N and K, so this is its AVX2 micro-kernel, not the 512 KiB L2.
 // With BLAS the weights and A_t need no transposes (sgemm takes them as stored): the forward's B operand is W_cat
-// [G, K] itself, and the slice's weight gradient accumulates as dW_cat [G, K] += dA_tᵀ · [x_t | h_{t-1}].
+// [G, K] itself, and the slice's weight gradient accumulates as dW_catᵀ [K, G] += [x_t | h_{t-1}]ᵀ · dA_t, as with
+// brgemm: MKL ran that orientation 11% faster than dW_cat [G, K] += dA_tᵀ · [x_t | h_{t-1}] (one core, n = 64,
+// Zen 3: 130–162 vs 147–181 µs a step; the layer's backward at B 128 0.92x the time, bench/NOTES.md session 14).
 #ifdef CPUBLAS_BRGEMM_F32F32F32
 #define LEGW_FUSED_SEQ_F32 1
 
@@ -488,7 +491,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dx = compute_dx ? at::empty({T, B, I}, x.options()) : at::empty({0}, x.options());
   const int64_t slices = num_batch_slices(x, T, B);
   const SeqGemm gemm = seq_gemm();
-  // Each slice's Σ_t A_tᵀ·dA_t: as dW_catᵀ [K, G] for brgemm, as dW_cat [G, K] for BLAS.
+  // Each slice's Σ_t A_tᵀ·dA_t, dW_catᵀ [K, G].
   at::Tensor dw_parts = at::empty({slices, K, G}, x.options());
   at::Tensor db_parts = at::empty({slices, G}, x.options());
   const float *xp = x.const_data_ptr<float>(), *actp = act.const_data_ptr<float>(), *csp = cs.const_data_ptr<float>(),
@@ -521,12 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const float* h_prev = (s == 0 ? h0p : outp + t_prev * B * H) + b0 * H;
       // Row pointers of this slice, so that the row loop runs over 0 .. n like the slice's own buffers.
       bwd_rows_any(actp + (t * B + b0) * G, c_prev, csp + (t * B + b0) * H, doutp ? doutp + (t * B + b0) * H : nullptr,
-                   dh_s, dc_s, da.data(), 0, n, H);
-      for (int64_t r = 0; r < n; ++r) {
-        const float* dar = da.data() + r * G;
-#pragma omp simd
-        for (int64_t j = 0; j < G; ++j) db[j] += dar[j];
-      }
+                   dh_s, dc_s, da.data(), db, 0, n, H);
       // The gradients reaching h_{t-1} and x_t, straight into dh and dx: W_hh [G, H] and W_ih [G, I] are the B
       // operands as they are. (One GEMM against [W_ih | W_hh] would need a copy of the weights and of its output,
       // and ran N = 156 slower than N = 128 and N = 28 apart at n = 64: brgemm 102 vs 73 + 18 µs on Zen 4; on Zen 3
@@ -535,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (gemm == SeqGemm::blas) {
         copy_rows(xp + (t * B + b0) * I, I, a_t.data(), K, n, I);
         copy_rows(h_prev, H, a_t.data() + I, K, n, H);
-        blas_sgemm(true, false, G, K, n, da.data(), G, a_t.data(), K, /*add_c=*/true, dw, K);
+        blas_sgemm(true, false, K, G, n, a_t.data(), K, da.data(), G, /*add_c=*/true, dw, G);
       } else {
         transpose_rows(xp + (t * B + b0) * I, I, a_t.data(), n, n, I);
         transpose_rows(h_prev, H, a_t.data() + I * n, n, n, H);
@@ -545,8 +543,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (compute_dx) gemm_nn(gemm, n, I, G, da.data(), G, w_ihp, I, /*add_c=*/false, dx_t, I);
     }
   });
-  // The slices' partial sums, added in slice order (transposed first where brgemm left dW_catᵀ) and split into
-  // dW_ih [G, I] and dW_hh [G, H], in parallel over blocks of gate rows.
+  // The slices' partial sums, transposed and added in slice order, and split into dW_ih [G, I] and dW_hh [G, H], in
+  // parallel over blocks of gate rows.
   at::Tensor dw_ih = at::empty({G, I}, x.options()), dw_hh = at::empty({G, H}, x.options());
   at::Tensor db = at::empty({G}, x.options());
   const float* partp = dw_parts.const_data_ptr<float>();
@@ -559,13 +557,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int64_t sl = 1; sl < slices; ++sl) acc += dbpp[sl * G + g];
       dbp[g] = acc;
     }
-    // Each slice's rows g0 .. g1 of dW_cat as a [g1 - g0, K] block: copied, or transposed from [K, g1 - g0].
+    // Each slice's rows g0 .. g1 of dW_cat as a [g1 - g0, K] block, transposed from its [K, g1 - g0] columns.
     const auto block_of = [&](int64_t sl, float* dst) {
-      if (gemm == SeqGemm::blas) {
-        copy_rows(partp + sl * K * G + g0 * K, K, dst, K, g1 - g0, K);
-      } else {
-        transpose_rows(partp + sl * K * G + g0, G, dst, K, K, g1 - g0);
-      }
+      transpose_rows(partp + sl * K * G + g0, G, dst, K, K, g1 - g0);
     };
     block_of(0, sum.data());
     std::vector<float> blk(slices > 1 ? sum.size() : 0);

@@ -146,10 +146,10 @@ def _lstm_cpu_auto() -> tuple[tuple[str, ...], str]:
 
 # bench/lstm.py, MNIST shape (T 28, I 28, H 128), C++ layer over nn.LSTM measured interleaved within each run: a
 # 2-core AVX-512 EPYC (Zen 4; brgemm GEMMs; commit caf496e, four runs) and a 2-core AVX2 EPYC (Zen 3; BLAS GEMMs;
-# commit 1c25c6f, four runs; 1.17-1.32x / 1.57-1.81x in eleven runs at 6aaf3f7 and 612e4af, before the weight
-# gradient's GEMM changed orientation).
-LSTM_CPU_FIGURES = ("1.18-1.39x / 1.77-1.83x nn.LSTM fwd+bwd at B 128 / 1024 on an AVX-512 EPYC, 1.29-1.42x / "
-                    "1.69-1.89x on an AVX2 EPYC (bench/results)")
+# commits 1c25c6f-f30063b, ten runs of the same layer code; 1.17-1.32x / 1.57-1.81x in eleven runs at 6aaf3f7 and
+# 612e4af, before the weight gradient's GEMM changed orientation).
+LSTM_CPU_FIGURES = ("1.18-1.39x / 1.77-1.83x nn.LSTM fwd+bwd at B 128 / 1024 on an AVX-512 EPYC, 1.26-1.48x / "
+                    "1.69-1.94x on an AVX2 EPYC (bench/results)")
 
 
 _LSTM_CPU_ORDER, _LSTM_CPU_WHY = _lstm_cpu_auto()
@@ -172,7 +172,7 @@ def _lstm_cpu_no_grad() -> tuple[tuple[str, ...], str]:
 
 
 LSTM_CPU_NO_GRAD_FIGURES = ("1.05-1.45x / 1.27-1.80x nn.LSTM's no-grad forward at B 128 / 1024 on the AVX-512 EPYC, "
-                            "1.28-1.44x / 1.56-1.87x on the AVX2 EPYC")
+                            "1.28-1.44x / 1.56-1.98x on the AVX2 EPYC")
 _LSTM_CPU_NO_GRAD = _lstm_cpu_no_grad()
 
 LSTM_BACKENDS: Registry = Registry("LSTM ", {

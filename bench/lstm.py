@@ -3,6 +3,7 @@
     python -m legw_fused.bench.lstm --device cpu                       # MNIST-LSTM shape (B 128, 1024), sine
     python -m legw_fused.bench.lstm --device cuda                      # all settings below
     python -m legw_fused.bench.lstm --device cuda --settings mnist --batches 64 8192
+    python -m legw_fused.bench.lstm --device cpu --settings mnist-bf16 --reps 5     # bf16, where CPUs lack it
 
 Providers (same weights, same input): ours per backend; nn.LSTM (cuDNN on GPUs, ATen's CPU kernels on CPUs);
 nn.LSTM with cuDNN disabled (torch's native fused cell, GPU only); a loop of nn.LSTMCell, and the same loop of
@@ -33,6 +34,9 @@ SETTINGS = {
     "ptb-650": (35, 650, 650, torch.float32, (20, 80, 640)),
     "ptb-1500": (35, 1500, 1500, torch.float32, (20, 80, 640)),
     "flashrnn": (1024, 768, 768, torch.bfloat16, (16,)),
+    # The MNIST shape in bf16: on CPUs without bf16 instructions torch's bf16 GEMMs take a slow generic path (there
+    # the C++ layer computes in fp32: ops.LSTM_CPU_HALF_IN_FP32). Not in the CPU default: nn.LSTM takes ~1 s a call.
+    "mnist-bf16": (28, 28, 128, torch.bfloat16, (128, 1024)),
     # torch's time-sequence-prediction example (sine waves, float64, LSTMCell loops), on 100 of its 999 steps.
     "sine": (100, 1, 51, torch.float64, (97,)),
 }

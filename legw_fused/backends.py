@@ -123,6 +123,10 @@ STEP_BACKENDS: Registry = Registry("", {
 }, _STEP_AUTO_ORDER)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _lstm_cpu_auto_by_capability() -> tuple[tuple[str, ...], str]:
     """The LSTM's CPU order where the C++ layer runs its per-step path (half precision, or a torch without an fp32
     brgemm): torch's own kernel first on AVX-512 CPUs, where oneDNN's LSTM beat that path (0.57x at B 128, 0.92x at
@@ -153,8 +157,25 @@ LSTM_CPU_FIGURES = ("1.18-1.39x / 1.77-1.83x nn.LSTM fwd+bwd at B 128 / 1024 on 
 
 
 _LSTM_CPU_ORDER, _LSTM_CPU_WHY = _lstm_cpu_auto()
-# bf16 / fp16: the whole-sequence kernel is fp32 only, so the C++ layer runs its per-step path: by capability.
-_LSTM_CPU_HALF = _lstm_cpu_auto_by_capability()
+
+
+def _lstm_cpu_half(dtype: torch.dtype) -> tuple[tuple[str, ...], str]:
+    """bf16 / fp16: where torch has no native GEMM for the dtype on this CPU (ops.LSTM_CPU_HALF_IN_FP32), its own
+    LSTM takes a slow generic path and the C++ layer computes in fp32 on the sequence kernel: the C++ layer first.
+    Elsewhere the C++ layer runs its per-step path in the dtype: by ATen's capability."""
+    name = _dtype_name(dtype)
+    if dtype in ops.LSTM_CPU_HALF_IN_FP32:
+        return ("cpp", "native", "torch"), (f"no native {name} GEMM on this CPU: the C++ layer in fp32 on its "
+                                            f"sequence kernel ({LSTM_CPU_HALF_FIGURES})")
+    return _lstm_cpu_auto_by_capability()
+
+
+# bench/lstm.py --settings mnist-bf16 on the 2-core AVX2 EPYC (Zen 3), session 15: before, the per-step path in
+# bf16 measured 1.21x / 1.42x nn.LSTM fwd+bwd at B 128 / 1024 (paired; fp16 1.32x at B 128), both ~25x slower
+# than fp32.
+LSTM_CPU_HALF_FIGURES = ("21x / 23x nn.LSTM's bf16 fwd+bwd at B 128 / 1024 on an AVX2 EPYC, fp16 22x at B 128; "
+                         "within 1-2 ms of the fp32 layer")
+_LSTM_CPU_HALF = {dt: _lstm_cpu_half(dt) for dt in (torch.bfloat16, torch.float16)}
 # fp64 on every CPU: oneDNN has no fp64 LSTM, so torch runs its per-op reference cell there; the C++ layer measured
 # 2.05x nn.LSTM fwd+bwd at torch's sine-wave shape (T 100, B 97, I 1, H 51) on the AVX-512 EPYC (bench/lstm.py,
 # commit 15e4551; 2.33x at f6e8d69, 2.80x at 0f79f29, 2.03x at caf496e).
@@ -193,9 +214,10 @@ LSTM_BACKENDS: Registry = Registry("LSTM ", {
                           "Triton: persistent whole-sequence kernel (small H) or per-step fused cell" + _INTERPRETED,
                           _triton_reason(), contiguous_only=False, layer=lstm.triton_layer, cell=lstm.triton_cell),
 }, {"cuda": ("cuda", "triton", "torch"), "cpu": _LSTM_CPU_ORDER, "cpu:float64": _LSTM_CPU_FP64[0],
-    "cpu:bfloat16": _LSTM_CPU_HALF[0], "cpu:float16": _LSTM_CPU_HALF[0], "cpu:no_grad": _LSTM_CPU_NO_GRAD[0]},
-    {"cpu": _LSTM_CPU_WHY, "cpu:float64": _LSTM_CPU_FP64[1], "cpu:bfloat16": _LSTM_CPU_HALF[1],
-     "cpu:float16": _LSTM_CPU_HALF[1], "cpu:no_grad": _LSTM_CPU_NO_GRAD[1]})
+    "cpu:bfloat16": _LSTM_CPU_HALF[torch.bfloat16][0], "cpu:float16": _LSTM_CPU_HALF[torch.float16][0],
+    "cpu:no_grad": _LSTM_CPU_NO_GRAD[0]},
+    {"cpu": _LSTM_CPU_WHY, "cpu:float64": _LSTM_CPU_FP64[1], "cpu:bfloat16": _LSTM_CPU_HALF[torch.bfloat16][1],
+     "cpu:float16": _LSTM_CPU_HALF[torch.float16][1], "cpu:no_grad": _LSTM_CPU_NO_GRAD[1]})
 
 # LSTMCell (one step per call, from a Python loop): the same backends, each through its ``cell``, in their own
 # order. On CPUs the C++ cell comes first on every instruction set: on the 2-core AVX-512 EPYC where the C++ layer
@@ -214,10 +236,6 @@ def check_backend_name(backend: str, registry: Registry = STEP_BACKENDS) -> str:
     if backend != "auto" and backend not in registry:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, registry))}, got {backend!r}")
     return backend
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def select(registry: Registry, backend: str, device: torch.device, dtype: torch.dtype | None = None,

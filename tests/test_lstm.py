@@ -318,6 +318,86 @@ def test_cpp_layer_without_gradients_runs_the_inference_op(monkeypatch, case, dt
     assert set(called) == {"lstm_layer_fwd"}
 
 
+# bf16/fp16 on the C++ CPU layer: in fp32 on the sequence kernel where torch has no native GEMM for the dtype on this
+# CPU (ops.LSTM_CPU_HALF_IN_FP32), else the per-step path in the dtype itself. Both run here whatever the CPU: the
+# set is replaced for the test.
+HALF_PATHS = {"in-fp32": lambda dt: frozenset({dt}), "per-step": lambda dt: frozenset()}
+
+
+def test_cpp_half_in_fp32_follows_torchs_own_check():
+    """The half dtypes widened to fp32 are those oneDNN (torch's CPU GEMMs) has no instructions for on this CPU."""
+    native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+              torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported()}
+    want = {dt for dt, ok in native.items() if not ok} if ops.LSTM_CPU_SEQUENCE else set()
+    assert ops.LSTM_CPU_HALF_IN_FP32 == want, (native, ops.LSTM_CPU_SEQUENCE)
+
+
+@pytest.mark.parametrize("path", HALF_PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpp_half_precision_paths_match_torch(monkeypatch, path, dtype):
+    """Both half-precision paths of the C++ layer and cell against nn.LSTM / nn.LSTMCell in fp32: outputs, states
+    and every gradient, returned in the module's dtype; the layer cases include batch slices, both directions, two
+    layers and no bias."""
+    _skip_without_cpp()
+    monkeypatch.setattr(ops, "LSTM_CPU_HALF_IN_FP32", HALF_PATHS[path](dtype))
+    for case in [(6, 70, 6, 9, 1, True, False, True), (7, 2, 11, 37, 2, False, True, True),
+                 (3, 2, 4, 5, 1, True, True, False)]:
+        _check_against_torch("cpp", case, dtype)
+    torch.manual_seed(3)
+    ours, ref = _pair(legw_fused.LSTMCell, nn.LSTMCell, 6, 37, dtype=dtype, backend="cpp")
+    x, h0, c0 = (torch.randn(3, 6).to(dtype), torch.randn(3, 37).to(dtype), torch.randn(3, 37).to(dtype))
+    a = [t.clone().requires_grad_() for t in (x, h0, c0)]
+    b = [t.float().requires_grad_() for t in (x, h0, c0)]
+    h, c = ours(a[0], (a[1], a[2]))
+    rh, rc = ref(b[0], (b[1], b[2]))
+    assert h.dtype == c.dtype == dtype
+    ftol, gtol = LSTM_TOL[dtype]
+    assert_close_scaled("cell h", h, rh, ftol)
+    assert_close_scaled("cell c", c, rc, ftol)
+    (h.float().sum() + (c.float() ** 2).sum()).backward()
+    (rh.sum() + (rc ** 2).sum()).backward()
+    for name, p, q in zip(("dx", "dh", "dc"), a, b):
+        assert p.grad.dtype == dtype
+        assert_close_scaled(f"cell {name}", p.grad, q.grad, gtol)
+    for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert p.grad.dtype == dtype
+        assert_close_scaled(f"cell d {name}", p.grad, q.grad, gtol)
+
+
+def _within_one_rounding(name, got, want, dtype):
+    """|got - want| <= half a unit in the last place of ``dtype`` at |want| (<= 2^-(p+1)·|want|, p its stored
+    mantissa bits), plus 1e-5 x max|want| for fp32's own rounding: ``got`` is ``want`` rounded once to ``dtype``."""
+    p = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    got, want = got.float(), want.float()
+    bound = want.abs() * 2.0 ** -(p + 1) + 1e-5 * max(1.0, want.abs().max().item())
+    bad = (got - want).abs() > bound
+    assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.numel()} elements more than one {dtype} rounding "
+                           f"from fp32, worst {(got - want).abs().max().item():.3g}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpp_half_in_fp32_rounds_once(monkeypatch, dtype):
+    """In fp32, the layer's outputs and gradients are nn.LSTM's fp32 results (on the same dtype-rounded inputs,
+    weights and cotangent) rounded once to the dtype — not the per-step path's roundings at every GEMM."""
+    _skip_without_cpp()
+    monkeypatch.setattr(ops, "LSTM_CPU_HALF_IN_FP32", frozenset({dtype}))
+    torch.manual_seed(4)
+    T, B, I, H = 12, 40, 28, 64
+    ours, ref = _pair(legw_fused.LSTM, nn.LSTM, I, H, dtype=dtype, backend="cpp")
+    x = torch.randn(T, B, I).to(dtype)
+    xs, xr = x.clone().requires_grad_(), x.float().requires_grad_()
+    out, (h_n, c_n) = ours(xs)
+    rout, (rh, rc) = ref(xr)
+    for name, a, b in (("output", out, rout), ("h_n", h_n, rh), ("c_n", c_n, rc)):
+        _within_one_rounding(name, a, b, dtype)
+    cot = torch.randn(T, B, H).to(dtype)
+    out.backward(cot)
+    rout.backward(cot.float())
+    _within_one_rounding("d input", xs.grad, xr.grad, dtype)
+    for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        _within_one_rounding(f"d {name}", p.grad, q.grad, dtype)
+
+
 @pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per-step"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_both_kernels(monkeypatch, persistent, dtype):

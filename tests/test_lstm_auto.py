@@ -54,8 +54,8 @@ def test_native_backend_reverse_direction_by_flipping():
 @pytest.mark.parametrize("capability, first", [("AVX512", "native"), ("AVX512_VNNI", "native"), ("AVX2", "cpp"),
                                                ("DEFAULT", "cpp")])
 def test_cpu_auto_rule_by_aten_capability(monkeypatch, capability, first):
-    """Where the C++ layer has no whole-sequence kernel (a torch without an fp32 brgemm), and for bf16/fp16 (the
-    kernel is fp32 only): torch's oneDNN LSTM first on AVX-512 CPUs, the C++ layer elsewhere."""
+    """Where the C++ layer has no whole-sequence kernel (a torch without an fp32 brgemm), and for bf16/fp16 where
+    torch has native GEMMs for them: torch's oneDNN LSTM first on AVX-512 CPUs, the C++ layer elsewhere."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(backends.ops, "LSTM_CPU_SEQUENCE", False)
     for order, why in (backends._lstm_cpu_auto(), backends._lstm_cpu_auto_by_capability()):
@@ -66,7 +66,7 @@ def test_cpu_auto_rule_by_aten_capability(monkeypatch, capability, first):
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2", "DEFAULT"])
 def test_cpu_auto_takes_the_sequence_kernel_on_every_capability(monkeypatch, capability):
     """With the whole-sequence kernel built, fp32 training takes the C++ layer whatever the instruction set, and the
-    reason names the kernel, its row loops and the measured figures; bf16 and fp16 keep the capability rule."""
+    reason names the kernel, its row loops and the measured figures."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(backends.ops, "LSTM_CPU_SEQUENCE", True)
     order, why = backends._lstm_cpu_auto()
@@ -75,12 +75,28 @@ def test_cpu_auto_takes_the_sequence_kernel_on_every_capability(monkeypatch, cap
     assert backends.LSTM_CPU_FIGURES in why
 
 
-def test_half_precision_keeps_the_capability_rule_on_this_cpu():
-    """bf16/fp16 run the C++ layer's per-step path (the sequence kernel is fp32 only), where oneDNN's bf16 LSTM was
-    faster on AVX-512 (0.6x at B 128): their own keys carry the capability rule, fp32 keeps the device's order."""
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_rule(monkeypatch, capability, dtype):
+    """bf16/fp16: where torch has no native GEMM for the dtype (ops.LSTM_CPU_HALF_IN_FP32), its LSTM takes a slow
+    generic path and the C++ layer computes in fp32: the C++ layer first, whatever the capability, with the measured
+    figures; elsewhere the C++ layer's per-step path, where oneDNN's bf16 LSTM was faster on AVX-512 (0.6x at B
+    128): the capability rule."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(backends.ops, "LSTM_CPU_HALF_IN_FP32", frozenset({dtype}))
+    order, why = backends._lstm_cpu_half(dtype)
+    assert order == ("cpp", "native", "torch")
+    assert "fp32" in why and backends.LSTM_CPU_HALF_FIGURES in why
+    monkeypatch.setattr(backends.ops, "LSTM_CPU_HALF_IN_FP32", frozenset())
+    assert backends._lstm_cpu_half(dtype) == backends._lstm_cpu_auto_by_capability()
+
+
+def test_half_precision_on_this_cpu_follows_the_rule():
+    """The registry's "cpu:bfloat16" / "cpu:float16" keys carry the rule for this CPU, auto picks the first
+    available, and fp32 keeps the device's order."""
     reg, cpu = backends.LSTM_BACKENDS, torch.device("cpu")
-    rule, why = backends._lstm_cpu_auto_by_capability()
     for dtype in (torch.bfloat16, torch.float16):
+        rule, why = backends._lstm_cpu_half(dtype)
         key = f"cpu:{str(dtype).removeprefix('torch.')}"
         assert reg.auto_order[key] == rule and reg.auto_why[key] == why
         available = [n for n in rule if reg[n].unavailable_reason("cpu", dtype) is None]

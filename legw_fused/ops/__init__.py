@@ -38,6 +38,22 @@ except ImportError as exc:
     LSTM_CPU_BLAS = False
 
 
+def _torch_cpu_gemm_native(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU GEMMs run ``dtype`` (bf16/fp16) on this CPU's own instructions: oneDNN's check, the one
+    torch's CPU kernels follow (bf16 from AVX-512 up, fp16 from AVX-512 FP16 / AMX up). Without them a bf16 or fp16
+    GEMM takes a slow generic path (an AVX2 EPYC: a [128, 128]·[128, 512] bf16 GEMM 11x the fp32 one's time)."""
+    name = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    check = getattr(torch.ops.mkldnn, name, None)
+    return bool(check()) if check is not None else False
+
+
+# The half-precision dtypes the C++ CPU LSTM computes in fp32, on the whole-sequence kernel (inputs and weights
+# widened on entry, the outputs rounded once on exit, gradients likewise): those torch has no native GEMM for on
+# this CPU. Elsewhere, and without the sequence kernel, half precision runs the per-step path in its own dtype.
+LSTM_CPU_HALF_IN_FP32: frozenset[torch.dtype] = frozenset(
+    dt for dt in (torch.bfloat16, torch.float16) if LSTM_CPU_SEQUENCE and not _torch_cpu_gemm_native(dt))
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``legw_fused::<op>`` has a kernel registered for ``dispatch_key`` ("CPU", "CUDA")."""
     return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"legw_fused::{op}", dispatch_key)

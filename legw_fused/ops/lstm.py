@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import ops as _ops
 from . import _C
 
 
@@ -68,10 +69,20 @@ if _C is not None:
     torch.library.register_autograd("legw_fused::lstm_layer_fwd", _backward, setup_context=_setup_context)
 
 
+def _widen(*ts: Tensor | None) -> list[Tensor | None]:
+    # Through autograd: the gradients come back rounded once to each tensor's own dtype. The saved gates are then
+    # fp32, twice the bytes of the per-step path's.
+    return [t.float() if t is not None else None for t in ts]
+
+
 def extension_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                    b_hh: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction, on the extension's C++ CPU or CUDA op (lstm_reference.layer's signature). On the CPU,
-    where no gradient will be taken, the inference op: it keeps nothing for a backward."""
+    where no gradient will be taken, the inference op: it keeps nothing for a backward; bf16/fp16 in fp32 where
+    ops.LSTM_CPU_HALF_IN_FP32 says so."""
+    if x.device.type == "cpu" and x.dtype in _ops.LSTM_CPU_HALF_IN_FP32:
+        out, h_n, c_n = extension_layer(*_widen(x, h0, c0, w_ih, w_hh, b_ih, b_hh), reverse)
+        return out.to(x.dtype), h_n.to(x.dtype), c_n.to(x.dtype)
     if x.device.type == "cpu" and not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh))):
         return torch.ops.legw_fused.lstm_layer_infer(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse)
@@ -106,7 +117,11 @@ class _ExtensionCell(torch.autograd.Function):
 def extension_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                    b_hh: Tensor | None) -> tuple[Tensor, Tensor]:
     """One LSTM step on the extension's C++ CPU or CUDA op: x [B, I], h/c [B, H] -> (h', c') (lstm_reference.cell's
-    signature)."""
+    signature). bf16/fp16 on the CPU in fp32 where ops.LSTM_CPU_HALF_IN_FP32 says so (a step's GEMMs in fp32 cost
+    less than in a half dtype without its instructions, even after widening the weights each step)."""
+    if x.device.type == "cpu" and x.dtype in _ops.LSTM_CPU_HALF_IN_FP32:
+        h1, c1 = _ExtensionCell.apply(*_widen(x, h, c, w_ih, w_hh, b_ih, b_hh))
+        return h1.to(x.dtype), c1.to(x.dtype)
     return _ExtensionCell.apply(x, h, c, w_ih, w_hh, b_ih, b_hh)
 
 

@@ -86,11 +86,17 @@ def cpu_description() -> dict:
             "lstm_cpu_gemm": legw_fused.ops.LSTM_CPU_GEMM}
 
 
-def commit() -> str:
+def commit(repo: Path | None = None) -> str:
+    """HEAD's short hash, with "+modified" when tracked files other than bench/results/ differ from it: a figure
+    measured on uncommitted code must not carry the commit's name alone."""
+    repo = repo or Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=repo)
+        if not head.stdout.strip():
+            return "unknown"
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)bench/results"], capture_output=True, text=True, cwd=repo)
+        return head.stdout.strip() + ("+modified" if status.stdout.strip() else "")
     except OSError:
         return "unknown"
 

@@ -60,3 +60,29 @@ def test_results_keep_their_history(tmp_path):
     assert [r["meta"]["commit"] for r in runs] == ["old", "a", "b"]
     assert [r["rows"][0]["ms"] for r in runs] == [1.0, 2.0, 3.0]
     assert (tmp_path / "x.md").read_text() == "table b\n"
+
+
+def test_results_name_uncommitted_code(tmp_path):
+    """A run on a tree whose tracked code differs from HEAD is labelled "<hash>+modified"; new results under
+    bench/results/ (what a run writes) and untracked files do not count."""
+    import subprocess
+
+    from legw_fused.bench.harness import commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "bench" / "results" / "x.json").write_text("{}\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    assert commit(tmp_path) == head
+    (tmp_path / "bench" / "results" / "x.json").write_text('{"runs": []}\n')
+    (tmp_path / "new.py").write_text("b = 2\n")
+    assert commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert commit(tmp_path) == head + "+modified"

@@ -47,9 +47,10 @@ def _torch_cpu_gemm_native(dtype: torch.dtype) -> bool:
     return bool(check()) if check is not None else False
 
 
-# The half-precision dtypes the C++ CPU LSTM computes in fp32, on the whole-sequence kernel (inputs and weights
-# widened on entry, the outputs rounded once on exit, gradients likewise): those torch has no native GEMM for on
-# this CPU. Elsewhere, and without the sequence kernel, half precision runs the per-step path in its own dtype.
+# The half-precision dtypes the C++ CPU LSTM computes in fp32 — the layer on the whole-sequence kernel, the cell on
+# fp32 GEMMs (inputs and weights widened on entry, the outputs rounded once on exit, gradients likewise): those
+# torch has no native GEMM for on this CPU. Elsewhere, and without the sequence kernel, half precision runs the
+# per-step path in its own dtype.
 LSTM_CPU_HALF_IN_FP32: frozenset[torch.dtype] = frozenset(
     dt for dt in (torch.bfloat16, torch.float16) if LSTM_CPU_SEQUENCE and not _torch_cpu_gemm_native(dt))
 

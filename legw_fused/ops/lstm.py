@@ -69,6 +69,10 @@ if _C is not None:
     torch.library.register_autograd("legw_fused::lstm_layer_fwd", _backward, setup_context=_setup_context)
 
 
+def _cpu_half_in_fp32(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in _ops.LSTM_CPU_HALF_IN_FP32
+
+
 def _widen(*ts: Tensor | None) -> list[Tensor | None]:
     # Through autograd: the gradients come back rounded once to each tensor's own dtype. The saved gates are then
     # fp32, twice the bytes of the per-step path's.
@@ -80,7 +84,7 @@ def extension_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tenso
     """One layer, one direction, on the extension's C++ CPU or CUDA op (lstm_reference.layer's signature). On the CPU,
     where no gradient will be taken, the inference op: it keeps nothing for a backward; bf16/fp16 in fp32 where
     ops.LSTM_CPU_HALF_IN_FP32 says so."""
-    if x.device.type == "cpu" and x.dtype in _ops.LSTM_CPU_HALF_IN_FP32:
+    if _cpu_half_in_fp32(x):
         out, h_n, c_n = extension_layer(*_widen(x, h0, c0, w_ih, w_hh, b_ih, b_hh), reverse)
         return out.to(x.dtype), h_n.to(x.dtype), c_n.to(x.dtype)
     if x.device.type == "cpu" and not (torch.is_grad_enabled() and any(
@@ -119,7 +123,7 @@ def extension_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, 
     """One LSTM step on the extension's C++ CPU or CUDA op: x [B, I], h/c [B, H] -> (h', c') (lstm_reference.cell's
     signature). bf16/fp16 on the CPU in fp32 where ops.LSTM_CPU_HALF_IN_FP32 says so (a step's GEMMs in fp32 cost
     less than in a half dtype without its instructions, even after widening the weights each step)."""
-    if x.device.type == "cpu" and x.dtype in _ops.LSTM_CPU_HALF_IN_FP32:
+    if _cpu_half_in_fp32(x):
         h1, c1 = _ExtensionCell.apply(*_widen(x, h, c, w_ih, w_hh, b_ih, b_hh))
         return h1.to(x.dtype), c1.to(x.dtype)
     return _ExtensionCell.apply(x, h, c, w_ih, w_hh, b_ih, b_hh)
